@@ -1,0 +1,57 @@
+"""One exception type per kind of user mistake; the edges (HTTP, CLI) turn them into clear messages."""
+
+
+class PrelabelError(Exception):
+    """Base class. `kind` names the problem in JSON errors and metrics; `status` is the HTTP status at the edge."""
+
+    kind = "error"
+    status = 400
+
+
+class ConfigError(PrelabelError):
+    """A label config or prompts file we cannot work with."""
+
+    kind = "config"
+    status = 422
+
+
+class PromptsError(ConfigError):
+    kind = "prompts"
+
+
+class ModelUnavailableError(PrelabelError):
+    """Weights are neither cached nor reachable."""
+
+    kind = "model_unavailable"
+    status = 503
+
+
+class ImageError(PrelabelError):
+    """An image that cannot be fetched or decoded (names the URL and the cause)."""
+
+    kind = "image"
+    status = 422
+
+
+class ImageFetchError(ImageError):
+    kind = "image_fetch"
+
+
+class ImageAuthError(ImageFetchError):
+    kind = "image_auth"
+
+
+class ImageDecodeError(ImageError):
+    kind = "image_decode"
+
+
+class ImageTooLargeError(ImageError):
+    kind = "image_too_large"
+    status = 413
+
+
+class RequestError(PrelabelError):
+    """A malformed request body (missing fields, wrong types, bad context)."""
+
+    kind = "request"
+    status = 400

@@ -1,0 +1,1 @@
+"""Label Studio adapter: config parsing, conversion, the ML-backend server."""

@@ -1,0 +1,285 @@
+"""The Label Studio ML-backend protocol, independent of the web framework: setup, predict (batch and
+interactive), webhook, versions."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import numpy as np
+import supervision as sv
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..active import task_score
+from ..errors import ConfigError, PrelabelError, RequestError
+from ..images import ImageLoader, LoadedImage
+from ..metrics import Metrics
+from ..ontology import LabelSpec, Ontology, normalize_prompt
+from ..pipeline import Pipeline
+from .config import Control, ProjectConfig, parse_config
+from .convert import detections_to_results, percent_to_box, percent_to_point
+from .store import EventStore
+
+log = logging.getLogger(__name__)
+
+TRAIN_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "ANNOTATIONS_DELETED", "START_TRAINING"}
+
+
+class SetupRequest(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    project: str | int | None = None
+    label_config: str | None = Field(None, alias="schema")
+    hostname: str | None = None
+    access_token: str | None = None
+    extra_params: dict | None = None
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    tasks: list[Any]
+    project: str | int | None = None
+    label_config: str | None = None
+    params: dict | None = None
+
+
+class WebhookRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    action: str
+    project: dict | int | None = None
+
+
+def project_id(project: str | int | dict | None) -> int | None:
+    """Label Studio sends "<id>.<timestamp>" to /setup and /predict, and a project dict to /webhook."""
+    if isinstance(project, dict):
+        project = project.get("id")
+    if project is None:
+        return None
+    head = str(project).split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def task_error(task_id, exc: PrelabelError) -> dict:
+    where = f"task {task_id}" if task_id is not None else "task without id"
+    return {"task": task_id, "error": {"kind": exc.kind, "message": f"{where}: {exc}"}}
+
+
+class LabelStudioBackend:
+    def __init__(self, pipeline: Pipeline, loader: ImageLoader, store: EventStore, metrics: Metrics):
+        self.pipeline = pipeline
+        self.loader = loader
+        self.store = store
+        self.metrics = metrics
+        self.settings = pipeline.settings
+        self.configs: dict[int | None, str] = {}
+        self.versions: dict[int | None, str] = {}
+        self._lock = threading.Lock()
+
+    # -- /setup, /versions --------------------------------------------------------------------------------------
+    def setup(self, req: SetupRequest) -> dict:
+        pid = project_id(req.project)
+        if req.hostname and not self.loader.label_studio_url:
+            self.loader.configure_label_studio(req.hostname, req.access_token)
+            log.info("images relative to Label Studio resolve against %s (from /setup)", req.hostname)
+        version = self.pipeline.model_version(self.pipeline.ontology())
+        if req.label_config:
+            config = parse_config(req.label_config)
+            version = self.pipeline.model_version(self._ontology(config))
+            with self._lock:
+                self.configs[pid] = req.label_config
+        with self._lock:
+            self.versions[pid] = version
+        return {"model_version": version}
+
+    def known_versions(self) -> dict:
+        with self._lock:
+            versions = set(self.versions.values())
+        return {"versions": sorted(versions) or [self.pipeline.model_version(self.pipeline.ontology())]}
+
+    def _ontology(self, config: ProjectConfig) -> Ontology:
+        return config.ontology(self.pipeline.prompts, self.settings.max_detections)
+
+    # -- /predict -----------------------------------------------------------------------------------------------
+    def predict(self, req: PredictRequest) -> dict:
+        limit = self.settings.max_tasks_per_request
+        if len(req.tasks) > limit:
+            raise RequestError(f"{len(req.tasks)} tasks in one request, over the limit of {limit} (PRELABEL_MAX_TASKS_PER_REQUEST)")
+        pid = project_id(req.project)
+        xml = req.label_config or self.configs.get(pid)
+        if not xml:
+            raise RequestError("no label_config in the request, and no /setup has given one for this project")
+        config = parse_config(xml)
+        ontology = self._ontology(config)
+        version = self.pipeline.model_version(ontology)
+        context = (req.params or {}).get("context")
+        if isinstance(context, dict) and context.get("result"):
+            if len(req.tasks) != 1:
+                raise RequestError(f"interactive annotation takes exactly one task, got {len(req.tasks)}")
+            return {"results": [self.interactive(req.tasks[0], config, ontology, context, version)]}
+        return {"results": self.predict_tasks(req.tasks, config, ontology, version)}
+
+    def predict_tasks(self, tasks: list, config: ProjectConfig, ontology: Ontology, version: str) -> list[dict]:
+        entries: list[dict | None] = [None] * len(tasks)
+        units: list[tuple[int, str]] = []  # (task index, data key): one image each
+        refs: list[tuple[str, int | None]] = []
+        keys = list(dict.fromkeys(c.data_key for c in config.controls))
+        for i, task in enumerate(tasks):
+            try:
+                tid, data = self._task_fields(task)
+                for key in keys:
+                    if key not in data:
+                        raise RequestError(f"task data has no {key!r} field (the label config reads ${key})")
+                    units.append((i, key))
+                    refs.append((data[key], tid))
+            except PrelabelError as exc:
+                entries[i] = task_error(task.get("id") if isinstance(task, dict) else None, exc)
+        loaded = self.loader.load_many(refs)
+        good = [(u, img) for u, img in zip(units, loaded) if isinstance(img, LoadedImage)]
+        for (i, _), img in zip(units, loaded):
+            if not isinstance(img, LoadedImage) and entries[i] is None:
+                entries[i] = task_error(tasks[i].get("id"), img)
+        good = [(u, img) for u, img in good if entries[u[0]] is None]
+        self.metrics.batch(len(good))
+        detections = self.pipeline.detect([img.array for _, img in good], ontology, masks=config.needs_masks)
+        by_task: dict[int, list] = {}
+        for ((i, key), img), det in zip(good, detections):
+            by_task.setdefault(i, []).append((key, img, det))
+        for i, parts in by_task.items():
+            result, scores = [], []
+            for key, img, det in parts:
+                controls = [c for c in config.controls if c.data_key == key]
+                result += detections_to_results(det, controls, img.width, img.height)
+                scores.append(task_score(det, ontology))
+            entries[i] = {"result": result, "score": min(scores), "model_version": version}
+        failed = [e for e in entries if e and "error" in e]
+        for e in failed:
+            self.metrics.error(e["error"]["kind"])
+            log.warning("%s", e["error"]["message"])
+        self.metrics.count("tasks_predicted", len(tasks) - len(failed))
+        return entries
+
+    @staticmethod
+    def _task_fields(task: Any) -> tuple[int | None, dict]:
+        if not isinstance(task, dict):
+            raise RequestError(f"a task must be a JSON object, got {type(task).__name__}")
+        data = task.get("data")
+        if not isinstance(data, dict):
+            raise RequestError("task has no 'data' object")
+        tid = task.get("id")
+        if tid is not None and not isinstance(tid, int):
+            raise RequestError(f"task id {tid!r} is not an integer")
+        return tid, data
+
+    # -- interactive --------------------------------------------------------------------------------------------
+    def interactive(self, task: Any, config: ProjectConfig, ontology: Ontology, context: dict, version: str) -> dict:
+        regions = [r for r in context.get("result", []) if isinstance(r, dict)]
+        if not regions:
+            raise RequestError("interactive context holds no regions")
+        tid, data = self._task_fields(task)
+        texts = [r for r in regions if r.get("type") == "textarea"]
+        to_name = next((r["to_name"] for r in regions if r.get("to_name")), config.controls[0].to_name)
+        key = next((c.data_key for c in config.controls if c.to_name == to_name), config.controls[0].data_key)
+        if key not in data:
+            raise RequestError(f"task {tid}: task data has no {key!r} field")
+        image = self.loader.load(data[key], tid)
+        if texts:
+            return self._text_prompt(image, texts[0], config, ontology, key, version)
+        return self._click(image, regions, config, to_name, version)
+
+    def _click(self, image: LoadedImage, regions: list[dict], config: ProjectConfig, to_name: str, version: str) -> dict:
+        control = config.mask_control(to_name)
+        if control is None:
+            raise ConfigError("smart keypoints and rectangles need a BrushLabels or PolygonLabels control for the mask")
+        w, h = image.width, image.height
+        points, labels, box, label = [], [], None, None
+        for r in regions:
+            value = r.get("value") or {}
+            kind = r.get("type")
+            try:
+                if kind == "keypointlabels":
+                    points.append(percent_to_point(value, w, h))
+                    labels.append(1 if r.get("is_positive", True) else 0)
+                    label = label or (value.get("keypointlabels") or [None])[0]
+                elif kind == "rectanglelabels":
+                    box = percent_to_box(value, w, h)
+                    label = (value.get("rectanglelabels") or [label])[0]
+            except (KeyError, TypeError, ValueError):
+                raise RequestError(f"context region of type {kind!r} has no usable x/y/width/height: {value}") from None
+        if not points and box is None:
+            raise RequestError("context has no keypoint, rectangle or text region to prompt with")
+        label = label or (control.labels[0] if len(control.labels) == 1 else None)
+        if label not in control.labels:
+            raise RequestError(f"label {label!r} is not a label of <{control.type} name={control.from_name!r}>: {list(control.labels)}")
+        mask, score = self.pipeline.segment_interactive(
+            image.array,
+            np.array(points) if points else None,
+            np.array(labels) if labels else None,
+            box,
+        )
+        xyxy = sv.mask_to_xyxy(mask[None]).astype(np.float32) if mask.any() else np.zeros((1, 4), np.float32)
+        det = sv.Detections(
+            xyxy=xyxy, mask=mask[None], confidence=np.array([score], np.float32), class_id=np.array([0]),
+            data={"class_name": np.array([label], dtype=object)},
+        )
+        self.metrics.count("interactive_masks")
+        return {"result": detections_to_results(det, [control], w, h), "score": round(score, 6), "model_version": version}
+
+    def _text_prompt(self, image: LoadedImage, region: dict, config: ProjectConfig, ontology: Ontology, key: str, version: str) -> dict:
+        text = " ".join(str(t) for t in (region.get("value") or {}).get("text", [])).strip()
+        if not text:
+            raise RequestError("the TextArea prompt is empty")
+        spec = self._label_for_text(text, config, ontology)
+        prompt = normalize_prompt(text.split(":", 1)[1] if ":" in text and self._names(config, text) else text)
+        one = Ontology((LabelSpec(spec.name, (prompt,), spec.threshold),), ontology.text_threshold, ontology.nms_iou, ontology.max_detections)
+        det = self.pipeline.detect([image.array], one, masks=config.needs_masks)[0]
+        controls = [c for c in config.controls if c.data_key == key]
+        self.metrics.count("text_prompts")
+        return {"result": detections_to_results(det, controls, image.width, image.height), "score": task_score(det, one), "model_version": version}
+
+    @staticmethod
+    def _names(config: ProjectConfig, text: str) -> str | None:
+        head = text.split(":", 1)[0].strip().casefold()
+        return next((n for n in config.labels if n.casefold() == head), None)
+
+    def _label_for_text(self, text: str, config: ProjectConfig, ontology: Ontology) -> LabelSpec:
+        """'Label: prompt' names the label; otherwise a label whose name or synonym is the text; otherwise the
+        only label there is."""
+        by_name = {s.name: s for s in ontology.labels}
+        named = self._names(config, text) if ":" in text else None
+        if named:
+            return by_name[named]
+        wanted = normalize_prompt(text)
+        for spec in ontology.labels:
+            if wanted == normalize_prompt(spec.name) or wanted in spec.prompts:
+                return spec
+        if len(ontology.labels) == 1:
+            return ontology.labels[0]
+        raise RequestError(
+            f"text prompt {text!r} names none of the labels {config.labels}; write it as 'Label: what to look for'"
+        )
+
+    # -- /webhook -----------------------------------------------------------------------------------------------
+    def webhook(self, body: WebhookRequest) -> tuple[int, dict]:
+        action = body.action
+        if action not in TRAIN_EVENTS:
+            return 200, {"status": "Unknown event", "action": action}
+        payload = body.model_dump()
+        pid = project_id(body.project)
+        if pid is None:
+            raise RequestError(f"{action} webhook has no project id")
+        ids = []
+        if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED"):
+            annotation, task = payload.get("annotation"), payload.get("task")
+            if not isinstance(annotation, dict) or not isinstance(annotation.get("id"), int):
+                raise RequestError(f"{action} webhook has no annotation with an integer id")
+            task_id = task.get("id") if isinstance(task, dict) else annotation.get("task")
+            ids.append(self.store.record(action, pid, task_id, annotation["id"], payload))
+        elif action == "ANNOTATIONS_DELETED":
+            annotations = payload.get("annotations")
+            if not isinstance(annotations, list) or not all(isinstance(a, dict) and "id" in a for a in annotations):
+                raise RequestError("ANNOTATIONS_DELETED webhook needs a list of annotations with ids")
+            ids += [self.store.record(action, pid, a.get("task"), a["id"], payload) for a in annotations]
+        else:
+            ids.append(self.store.record(action, pid, None, None, payload))
+        self.metrics.count(f"webhook_{action.lower()}")
+        return 201, {"status": "recorded", "action": action, "project": pid, "event_ids": ids}

@@ -1,0 +1,150 @@
+"""Grounding DINO (and MM-Grounding-DINO) through transformers, batched over images.
+
+All prompts of the ontology go into one caption ("bottle . plastic bottle . soda can ."), split into several
+captions only when they exceed the model's text length. Each query's score for a prompt is the highest token
+probability inside that prompt's token span; a label scores its best prompt. A box is kept when its label score
+reaches the label's threshold and its prompt's mean token probability reaches `text_threshold`; boxes of one label
+(from any of its synonyms) are then merged by class-aware NMS.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import supervision as sv
+import torch
+from torchvision.ops import batched_nms
+from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+from ..ontology import Ontology
+
+log = logging.getLogger(__name__)
+
+NEAR_MISS_BAND = 0.1
+SUPPORTED_TYPES = {"grounding-dino", "mm-grounding-dino"}
+
+
+class GroundingDinoDetector:
+    def __init__(self, path: Path, model_id: str, device: torch.device, batch_size: int = 4):
+        self.model_id = model_id
+        self.device = device
+        self.batch_size = batch_size
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.model = AutoModelForZeroShotObjectDetection.from_pretrained(path).to(device).eval()
+        self.max_text_len = int(getattr(self.model.config, "max_text_len", 256))
+        self._lock = threading.Lock()
+
+    # -- captions -----------------------------------------------------------------------------------------------
+    def _token_count(self, text: str) -> int:
+        return len(self.processor.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def captions(self, prompts: list[str]) -> list[list[str]]:
+        """Group prompts into captions that fit the model's text length."""
+        groups: list[list[str]] = [[]]
+        for prompt in prompts:
+            trial = groups[-1] + [prompt]
+            if groups[-1] and self._token_count(" . ".join(trial) + " .") > self.max_text_len:
+                groups.append([prompt])
+            else:
+                groups[-1] = trial
+        for group in groups:
+            if self._token_count(" . ".join(group) + " .") > self.max_text_len:
+                raise ValueError(f"prompt {group[0]!r} is longer than the detector's {self.max_text_len} tokens")
+        return groups
+
+    def _spans(self, prompts: list[str]) -> tuple[str, list[list[int]]]:
+        caption = " . ".join(prompts) + " ."
+        enc = self.processor.tokenizer(caption, return_offsets_mapping=True, add_special_tokens=True)
+        spans, start = [], 0
+        for prompt in prompts:
+            end = start + len(prompt)
+            tokens = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if b > a and a >= start and b <= end]
+            spans.append(tokens)
+            start = end + len(" . ")
+        return caption, spans
+
+    # -- inference ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _forward(self, images: list[np.ndarray], caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs = self.processor(images=images, text=[caption] * len(images), return_tensors="pt").to(self.device)
+        outputs = self.model(**inputs)
+        return outputs.logits.sigmoid().float().cpu(), outputs.pred_boxes.float().cpu()
+
+    def detect(self, images: list[np.ndarray], ontology: Ontology) -> list[sv.Detections]:
+        pairs = ontology.prompts
+        if not images:
+            return []
+        if not pairs:
+            return [sv.Detections.empty() for _ in images]
+        label_of = dict(pairs)
+        candidates: list[list[dict]] = [[] for _ in images]
+        for group in self.captions([p for p, _ in pairs]):
+            caption, spans = self._spans(group)
+            labels = torch.tensor([label_of[p] for p in group])
+            for start in range(0, len(images), self.batch_size):
+                batch = images[start : start + self.batch_size]
+                with self._lock:
+                    probs, boxes = self._forward(batch, caption)
+                for offset, image in enumerate(batch):
+                    found = self._score(probs[offset], boxes[offset], spans, labels, group, ontology, image.shape[:2])
+                    candidates[start + offset].append(found)
+        return [self._merge(parts, ontology) for parts in candidates]
+
+    @staticmethod
+    def _score(probs, boxes, spans, labels, group, ontology: Ontology, hw) -> dict:
+        """Per query: best label, its score, the runner-up label score and the synonym spread."""
+        num_labels = len(ontology.labels)
+        peak = torch.stack([probs[:, s].max(-1).values if s else torch.zeros(len(probs)) for s in spans], -1)
+        mean = torch.stack([probs[:, s].mean(-1) if s else torch.zeros(len(probs)) for s in spans], -1)
+        label_scores = torch.full((len(probs), num_labels), -1.0)
+        label_scores.scatter_reduce_(1, labels.expand(len(probs), -1), peak, reduce="amax")
+        best, best_label = label_scores.max(-1)
+        best_prompt = torch.where(labels[None, :] == best_label[:, None], peak, -1.0).argmax(-1)
+        # synonym spread: how much the prompts of the chosen label disagree (0 when a label has one prompt)
+        same = labels[None, :] == best_label[:, None]
+        spread = torch.where(same, peak, 1e9).min(-1).values
+        spread = (best - spread).clamp(min=0)
+        runner_up = label_scores.scatter(1, best_label[:, None], -1.0).max(-1).values.clamp(min=0)
+        thresholds = torch.tensor([s.threshold for s in ontology.labels])[best_label]
+        phrase_ok = mean.gather(1, best_prompt[:, None])[:, 0] >= ontology.text_threshold
+        keep = (best >= thresholds) & phrase_ok
+        near = (~keep) & (best >= thresholds - NEAR_MISS_BAND)
+        h, w = hw
+        cx, cy, bw, bh = boxes.unbind(-1)
+        xyxy = torch.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], -1)
+        xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, w)
+        xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, h)
+        return {
+            "xyxy": xyxy[keep],
+            "score": best[keep],
+            "label": best_label[keep],
+            "prompt": [group[i] for i in best_prompt[keep].tolist()],
+            "runner_up": runner_up[keep],
+            "spread": spread[keep],
+            "near_misses": (best[near] - thresholds[near]).tolist(),
+        }
+
+    @staticmethod
+    def _merge(parts: list[dict], ontology: Ontology) -> sv.Detections:
+        xyxy = torch.cat([p["xyxy"] for p in parts])
+        score = torch.cat([p["score"] for p in parts])
+        label = torch.cat([p["label"] for p in parts])
+        near_misses = [m for p in parts for m in p["near_misses"]]
+        valid = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+        idx = valid.nonzero()[:, 0]
+        keep = idx[batched_nms(xyxy[idx], score[idx], label[idx], ontology.nms_iou)][: ontology.max_detections]
+        runner_up = torch.cat([p["runner_up"] for p in parts])[keep]
+        spread = torch.cat([p["spread"] for p in parts])[keep]
+        names = np.array([ontology.labels[i].name for i in label[keep].tolist()], dtype=object)
+        prompts = np.array([q for p in parts for q in p["prompt"]] or [""], dtype=object)[keep.numpy()]
+        detections = sv.Detections(
+            xyxy=xyxy[keep].numpy().astype(np.float32).reshape(-1, 4),
+            confidence=score[keep].numpy().astype(np.float32),
+            class_id=label[keep].numpy().astype(int),
+            data={"class_name": names, "prompt": prompts, "runner_up": runner_up.numpy(), "synonym_spread": spread.numpy()},
+        )
+        detections.metadata["near_misses"] = near_misses
+        return detections

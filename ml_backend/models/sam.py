@@ -1,0 +1,114 @@
+"""SAM through transformers' SamModel, with an LRU cache of image embeddings keyed by image content, so that
+further clicks or boxes on the same image cost only the mask decoder."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from transformers import SamModel, SamProcessor
+
+DECODER_CHUNK = 16  # boxes decoded (and upscaled to full size) at once, bounding memory on large images
+
+
+def image_key(image: np.ndarray) -> str:
+    digest = hashlib.blake2b(np.ascontiguousarray(image).data, digest_size=16)
+    digest.update(repr(image.shape).encode())
+    return digest.hexdigest()
+
+
+class EmbeddingCache:
+    """A thread-safe LRU of per-image encoder state, with hit/miss counters."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._items: OrderedDict[str, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get_or_compute(self, key: str, compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key]
+            self.misses += 1
+        value = compute()
+        if self.size:
+            with self._lock:
+                self._items[key] = value
+                while len(self._items) > self.size:
+                    self._items.popitem(last=False)
+        return value
+
+    def info(self) -> dict:
+        with self._lock:
+            return {"size": len(self._items), "capacity": self.size, "hits": self.hits, "misses": self.misses}
+
+
+def choose_multimask(boxes, points) -> bool:
+    """One lone click is ambiguous (part or whole?): ask SAM for three masks and keep the best."""
+    return boxes is None and points is not None and len(points) == 1
+
+
+class HfSamSegmenter:
+    def __init__(self, path: Path, model_id: str, device: torch.device, cache_size: int = 8):
+        self.model_id = model_id
+        self.device = device
+        self.processor = SamProcessor.from_pretrained(path)
+        self.model = SamModel.from_pretrained(path).to(device).eval()
+        self.cache = EmbeddingCache(cache_size)
+        self._lock = threading.Lock()
+
+    def cache_info(self) -> dict:
+        return self.cache.info()
+
+    @torch.inference_mode()
+    def _encode(self, image: np.ndarray):
+        inputs = self.processor(images=image, return_tensors="pt")
+        with self._lock:
+            embeddings = self.model.get_image_embeddings(inputs["pixel_values"].to(self.device))
+        return embeddings, inputs["original_sizes"], inputs["reshaped_input_sizes"]
+
+    @torch.inference_mode()
+    def segment(self, image, boxes=None, points=None, point_labels=None):
+        embeddings, original_sizes, reshaped = self.cache.get_or_compute(image_key(image), lambda: self._encode(image))
+        h, w = original_sizes[0].tolist()
+        rh, rw = reshaped[0].tolist()
+        scale = torch.tensor([rw / w, rh / h])
+        multimask = choose_multimask(boxes, points)
+        prompts: list[dict] = []
+        if boxes is not None and points is None:
+            box_tensor = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 2, 2) * scale
+            box_tensor = box_tensor.reshape(-1, 4)
+            prompts = [{"input_boxes": box_tensor[i : i + DECODER_CHUNK][None]} for i in range(0, len(box_tensor), DECODER_CHUNK)]
+        else:
+            pts = torch.as_tensor(np.asarray(points, dtype=np.float32)).reshape(-1, 2) * scale
+            labels = torch.as_tensor(np.asarray(point_labels if point_labels is not None else np.ones(len(pts))))
+            prompt = {"input_points": pts[None, None], "input_labels": labels.long()[None, None]}
+            if boxes is not None:
+                box = torch.as_tensor(np.asarray(boxes, dtype=np.float32)).reshape(-1, 2, 2)[:1] * scale
+                prompt["input_boxes"] = box.reshape(1, 1, 4)
+            prompts = [prompt]
+        masks, scores = [], []
+        for prompt in prompts:
+            with self._lock:
+                out = self.model(
+                    image_embeddings=embeddings,
+                    multimask_output=multimask,
+                    **{k: v.to(self.device) for k, v in prompt.items()},
+                )
+            iou = out.iou_scores[0].float().cpu()  # (n, k)
+            best = iou.argmax(-1)
+            low_res = out.pred_masks[0][torch.arange(len(best)), best][:, None]  # (n, 1, h, w)
+            full = self.processor.post_process_masks(low_res[None].cpu(), original_sizes, reshaped)[0][:, 0]
+            masks.append(full.numpy().astype(bool))
+            scores.append(iou[torch.arange(len(best)), best].numpy())
+        if not masks:
+            return np.zeros((0, h, w), bool), np.zeros(0, np.float32)
+        return np.concatenate(masks), np.concatenate(scores).astype(np.float32)

@@ -1,0 +1,39 @@
+"""All configuration in one object, read from environment variables; CLI flags override."""
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
+DEFAULT_SEGMENTER = "facebook/sam-vit-base"
+
+
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PRELABEL_", populate_by_name=True, extra="ignore")
+
+    # Ecosystem names (Label Studio ML backend examples use these).
+    label_studio_url: str | None = Field(None, validation_alias=_env("LABEL_STUDIO_URL", "LABEL_STUDIO_HOST"))
+    label_studio_api_key: SecretStr | None = Field(None, validation_alias=_env("LABEL_STUDIO_API_KEY"))
+    basic_auth_user: str | None = Field(None, validation_alias=_env("BASIC_AUTH_USER"))
+    basic_auth_pass: SecretStr | None = Field(None, validation_alias=_env("BASIC_AUTH_PASS"))
+    model_dir: Path = Field(Path(".prelabel"), validation_alias=_env("MODEL_DIR"))
+    local_files_document_root: Path | None = Field(None, validation_alias=_env("LOCAL_FILES_DOCUMENT_ROOT"))
+
+    # Ours (PRELABEL_*).
+    prompts: Path | None = None
+    detector: str = DEFAULT_DETECTOR
+    segmenter: str | None = DEFAULT_SEGMENTER
+    device: str = "auto"
+    embedding_cache_size: int = Field(8, ge=0)
+    batch_size: int = Field(4, ge=1)
+    max_detections: int = Field(100, ge=1)
+    max_image_pixels: int = Field(80_000_000, ge=1)
+    max_download_bytes: int = Field(100 * 2**20, ge=1)
+    download_timeout: float = Field(30.0, gt=0)
+    fetch_workers: int = Field(8, ge=1)
+    max_tasks_per_request: int = Field(256, ge=1)
