@@ -1,4 +1,4 @@
-"""Grounding DINO (and MM-Grounding-DINO) through transformers, batched over images.
+"""Grounding DINO (and MM-Grounding-DINO) through transformers, batched over images of the same size.
 
 All prompts of the ontology go into one caption ("bottle . plastic bottle . soda can ."), split into several
 captions only when they exceed the model's text length. Each query's score for a prompt is the highest token
@@ -84,14 +84,25 @@ class GroundingDinoDetector:
         for group in self.captions([p for p, _ in pairs]):
             caption, spans = self._spans(group)
             labels = torch.tensor([label_of[p] for p in group])
-            for start in range(0, len(images), self.batch_size):
-                batch = images[start : start + self.batch_size]
+            for batch in self._batches(images):
                 with self._lock:
-                    probs, boxes = self._forward(batch, caption)
-                for offset, image in enumerate(batch):
-                    found = self._score(probs[offset], boxes[offset], spans, labels, group, ontology, image.shape[:2])
-                    candidates[start + offset].append(found)
+                    probs, boxes = self._forward([images[i] for i in batch], caption)
+                for offset, i in enumerate(batch):
+                    found = self._score(probs[offset], boxes[offset], spans, labels, group, ontology, images[i].shape[:2])
+                    candidates[i].append(found)
         return [self._merge(parts, ontology) for parts in candidates]
+
+    def _batches(self, images: list[np.ndarray]) -> list[list[int]]:
+        """Indices batched by image size: padding would change a DETR's output, and an image's boxes must not
+        depend on which other images shared its batch."""
+        by_size: dict[tuple, list[int]] = {}
+        for i, image in enumerate(images):
+            by_size.setdefault(image.shape[:2], []).append(i)
+        return [
+            same[start : start + self.batch_size]
+            for same in by_size.values()
+            for start in range(0, len(same), self.batch_size)
+        ]
 
     @staticmethod
     def _score(probs, boxes, spans, labels, group, ontology: Ontology, hw) -> dict:

@@ -1,0 +1,31 @@
+# Set-up is part of every target: a fresh machine needs only `make serve` or `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROMPTS ?= prompts/example.yaml
+PORT ?= 9090
+HOST ?= 127.0.0.1
+
+.PHONY: install serve test tiny-models bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[test,sam-original]'
+	touch $@
+
+serve: $(STAMP)
+	$(BIN)/prelabel serve --prompts $(PROMPTS) --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 FIFTYONE_DO_NOT_TRACK=true $(BIN)/python -m pytest -q
+
+tiny-models: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/prelabel dev tiny-models .prelabel/tiny-models
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run

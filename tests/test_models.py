@@ -1,0 +1,154 @@
+"""Model registry, tiny models, batching, synonyms and the SAM embedding cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+from ml_backend.errors import ModelUnavailableError
+from ml_backend.models import build_detector, build_segmenter
+from ml_backend.models.sam import EmbeddingCache
+from ml_backend.ontology import PromptsFile
+
+from .conftest import free_port, make_image
+
+
+def images():
+    return [np.array(make_image(w, h, i)) for i, (w, h) in enumerate([(160, 90), (120, 200), (300, 240)])]
+
+
+def test_tiny_models_cli_writes_loadable_models_offline(tmp_path):
+    env = os.environ | {"HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "ml_backend.cli", "dev", "tiny-models", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    detector = build_detector(str(tmp_path / "detector"), tmp_path, torch.device("cpu"))
+    segmenter = build_segmenter(str(tmp_path / "segmenter"), tmp_path, torch.device("cpu"))
+    assert (tmp_path / "detector" / "tokenizer.json").exists()
+    assert detector.detect(images()[:1], PromptsFile().ontology(["car"]))[0].xyxy.shape[1] == 4
+    assert segmenter.segment(images()[0], boxes=np.array([[0, 0, 50, 50]]))[0].shape == (1, 90, 160)
+
+
+def test_uncached_hub_model_fails_at_once_naming_model_and_model_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    start = time.monotonic()
+    with pytest.raises(ModelUnavailableError) as err:
+        build_detector("IDEA-Research/grounding-dino-tiny", tmp_path / "models", torch.device("cpu"))
+    assert time.monotonic() - start < 5
+    message = str(err.value)
+    assert "'IDEA-Research/grounding-dino-tiny'" in message and "HF_HUB_OFFLINE" in message
+    assert str(tmp_path / "models" / "grounding-dino-tiny") in message and "\n" not in message
+
+
+def test_unreachable_hub_fails_fast_without_offline_mode(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    start = time.monotonic()
+    with pytest.raises(ModelUnavailableError, match="cannot be reached"):
+        build_segmenter("facebook/sam-vit-base", tmp_path, torch.device("cpu"))
+    assert time.monotonic() - start < 5
+
+
+def test_models_are_found_under_model_dir_by_name(tiny_models, tmp_path):
+    (tmp_path / "grounding-dino-tiny").symlink_to(tiny_models["detector"])
+    detector = build_detector("IDEA-Research/grounding-dino-tiny", tmp_path, torch.device("cpu"))
+    assert detector.model_id == "IDEA-Research/grounding-dino-tiny"
+
+
+def test_missing_local_path_and_wrong_model_family_are_named(tiny_models, tmp_path):
+    with pytest.raises(ModelUnavailableError, match="does not exist"):
+        build_detector("./no/such/dir", tmp_path, torch.device("cpu"))
+    with pytest.raises(ModelUnavailableError, match="is a 'sam' model"):
+        build_detector(str(tiny_models["segmenter"]), tmp_path, torch.device("cpu"))
+
+
+def test_batched_detection_equals_one_image_at_a_time(base_pipeline):
+    ontology = PromptsFile(labels={"Car": ["car", "truck"], "Person": ["person"]}).ontology()
+    detector = base_pipeline.detector
+    mixed = images() + [np.array(make_image(160, 90, seed)) for seed in (5, 6, 7, 8, 9)]
+    batched = detector.detect(mixed, ontology)
+    for image, together in zip(mixed, batched):
+        (alone,) = detector.detect([image], ontology)
+        assert np.allclose(alone.xyxy, together.xyxy, atol=1e-3)
+        assert list(alone.data["class_name"]) == list(together.data["class_name"])
+        assert np.allclose(alone.confidence, together.confidence, atol=1e-4)
+
+
+def test_boxes_are_absolute_pixels_inside_each_image(base_pipeline):
+    ontology = PromptsFile().ontology(["car"])
+    for image, det in zip(images(), base_pipeline.detector.detect(images(), ontology)):
+        h, w = image.shape[:2]
+        assert len(det) and (det.xyxy >= 0).all()
+        assert (det.xyxy[:, [0, 2]] <= w).all() and (det.xyxy[:, [1, 3]] <= h).all()
+
+
+def test_synonyms_do_not_duplicate_boxes(base_pipeline):
+    """Many synonyms overflow the tiny model's 32-token text, so they run as separate captions whose queries
+    land on the same places; class-aware NMS must merge them."""
+    synonyms = ["car", "truck", "bus", "van", "red car", "blue car", "small car", "big truck", "white car", "black car",
+                "green car", "small truck", "big bus", "white van", "black van", "red truck"]
+    merged = PromptsFile(labels={"Car": synonyms}, nms_iou=0.5).ontology()
+    unmerged = PromptsFile(labels={"Car": synonyms}, nms_iou=1.0).ontology()
+    detector = base_pipeline.detector
+    assert len(detector.captions(synonyms)) > 1
+    image = images()[2]
+    (raw,) = detector.detect([image], unmerged)
+    (det,) = detector.detect([image], merged)
+    iou = box_iou(torch.tensor(raw.xyxy), torch.tensor(raw.xyxy)).fill_diagonal_(0)
+    assert (iou > 0.5).any(), "the test needs overlapping synonym boxes to be meaningful"
+    iou = box_iou(torch.tensor(det.xyxy), torch.tensor(det.xyxy)).fill_diagonal_(0)
+    assert not (iou > 0.5).any()
+    assert 0 < len(det) < len(raw)
+
+
+def test_boxes_of_different_labels_are_not_merged_with_each_other(base_pipeline):
+    ontology = PromptsFile(labels={"Car": ["car"], "Person": ["person"]}, nms_iou=0.5).ontology()
+    (det,) = base_pipeline.detector.detect([images()[2]], ontology)
+    assert set(det.class_id) <= {0, 1}
+    for label in set(det.class_id):
+        same = torch.tensor(det.xyxy[det.class_id == label])
+        assert not (box_iou(same, same).fill_diagonal_(0) > 0.5).any()
+
+
+def test_per_label_threshold_and_detection_cap(base_pipeline):
+    image = images()[2]
+    strict = PromptsFile(labels={"Car": {"prompts": ["car"], "threshold": 1.0}}).ontology()
+    assert len(base_pipeline.detector.detect([image], strict)[0]) == 0
+    capped = PromptsFile(labels={"Car": ["car"]}, max_detections=2).ontology()
+    assert len(base_pipeline.detector.detect([image], capped)[0]) == 2
+
+
+def test_masks_are_full_size_booleans_one_per_box(base_pipeline):
+    image = images()[1]
+    masks, scores = base_pipeline.segmenter.segment(image, boxes=np.array([[0, 0, 60, 60], [10, 20, 100, 150]]))
+    assert masks.shape == (2, 200, 120) and masks.dtype == bool and scores.shape == (2,)
+
+
+def test_embedding_cache_is_keyed_by_content_and_evicts_least_recently_used():
+    cache = EmbeddingCache(size=2)
+    calls = []
+    for key in ["a", "b", "a", "c", "b"]:
+        cache.get_or_compute(key, lambda key=key: calls.append(key) or key)
+    assert calls == ["a", "b", "c", "b"]
+    assert cache.info() == {"size": 2, "capacity": 2, "hits": 1, "misses": 4}
+
+
+def test_same_pixels_hit_the_cache_and_different_pixels_miss(base_pipeline):
+    segmenter = base_pipeline.segmenter
+    image = np.array(make_image(70, 50, 11))
+    before = segmenter.cache_info()
+    segmenter.segment(image, points=np.array([[10, 10]]), point_labels=np.array([1]))
+    segmenter.segment(image.copy(), boxes=np.array([[5, 5, 30, 30]]))
+    changed = image.copy()
+    changed[0, 0] ^= 1
+    segmenter.segment(changed, points=np.array([[10, 10]]))
+    after = segmenter.cache_info()
+    assert after["misses"] - before["misses"] == 2 and after["hits"] - before["hits"] == 1
