@@ -17,6 +17,7 @@ from ..images import ImageLoader, LoadedImage
 from ..metrics import Metrics
 from ..ontology import LabelSpec, Ontology, normalize_prompt
 from ..pipeline import Pipeline
+from ..types import make_detections
 from .config import Control, ProjectConfig, parse_config
 from .convert import detections_to_results, percent_to_box, percent_to_point
 from .store import EventStore
@@ -217,10 +218,7 @@ class LabelStudioBackend:
             box,
         )
         xyxy = sv.mask_to_xyxy(mask[None]).astype(np.float32) if mask.any() else np.zeros((1, 4), np.float32)
-        det = sv.Detections(
-            xyxy=xyxy, mask=mask[None], confidence=np.array([score], np.float32), class_id=np.array([0]),
-            data={"class_name": np.array([label], dtype=object)},
-        )
+        det = make_detections(xyxy, [score], [0], [label], mask=mask[None])
         self.metrics.count("interactive_masks")
         return {"result": detections_to_results(det, [control], w, h), "score": round(score, 6), "model_version": version}
 

@@ -20,6 +20,7 @@ from torchvision.ops import batched_nms
 from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
 from ..ontology import Ontology
+from ..types import make_detections
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +152,9 @@ class GroundingDinoDetector:
         spread = torch.cat([p["spread"] for p in parts])[keep]
         names = np.array([ontology.labels[i].name for i in label[keep].tolist()], dtype=object)
         prompts = np.array([q for p in parts for q in p["prompt"]] or [""], dtype=object)[keep.numpy()]
-        detections = sv.Detections(
-            xyxy=xyxy[keep].numpy().astype(np.float32).reshape(-1, 4),
-            confidence=score[keep].numpy().astype(np.float32),
-            class_id=label[keep].numpy().astype(int),
-            data={"class_name": names, "prompt": prompts, "runner_up": runner_up.numpy(), "synonym_spread": spread.numpy()},
+        detections = make_detections(
+            xyxy[keep].numpy(), score[keep].numpy(), label[keep].numpy(), names,
+            prompt=prompts, runner_up=runner_up.numpy(), synonym_spread=spread.numpy(),
         )
         detections.metadata["near_misses"] = near_misses
         return detections
