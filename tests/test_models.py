@@ -35,6 +35,17 @@ def test_tiny_models_cli_writes_loadable_models_offline(tmp_path):
     assert segmenter.segment(images()[0], boxes=np.array([[0, 0, 50, 50]]))[0].shape == (1, 90, 160)
 
 
+def test_mm_grounding_dino_loads_and_detects(tmp_path):
+    from ml_backend.models.tiny import write_tiny_detector
+
+    path = write_tiny_detector(tmp_path / "mm", family="mm-grounding-dino")
+    detector = build_detector(str(path), tmp_path, torch.device("cpu"))
+    assert type(detector.model).__name__ == "MMGroundingDinoForObjectDetection"
+    # randomly initialised MM-Grounding-DINO scores near its 0.01 prior: accept every box
+    (det,) = detector.detect(images()[:1], PromptsFile(box_threshold=0, text_threshold=0).ontology(["car"]))
+    assert len(det) and set(det.data["class_name"]) == {"car"}
+
+
 def test_uncached_hub_model_fails_at_once_naming_model_and_model_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

@@ -24,13 +24,15 @@ def write_vocab(path: Path) -> Path:
     return path
 
 
-def write_tiny_detector(out: Path, seed: int = 0) -> Path:
+def write_tiny_detector(out: Path, seed: int = 0, family: str = "grounding-dino") -> Path:
+    """`family` is "grounding-dino" or "mm-grounding-dino" (same architecture shape, different model type)."""
     from transformers import (
+        AutoModelForZeroShotObjectDetection,
         BertTokenizerFast,
         GroundingDinoConfig,
-        GroundingDinoForObjectDetection,
         GroundingDinoImageProcessor,
         GroundingDinoProcessor,
+        MMGroundingDinoConfig,
         SwinConfig,
     )
 
@@ -46,12 +48,13 @@ def write_tiny_detector(out: Path, seed: int = 0) -> Path:
         model_type="bert", vocab_size=len(tokenizer), hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
         intermediate_size=8, max_position_embeddings=32,
     )
-    config = GroundingDinoConfig(
+    config_class = {"grounding-dino": GroundingDinoConfig, "mm-grounding-dino": MMGroundingDinoConfig}[family]
+    config = config_class(
         backbone_config=backbone, text_config=text, d_model=32, encoder_layers=2, decoder_layers=2,
         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32,
         num_queries=10, num_feature_levels=4, encoder_n_points=2, decoder_n_points=2, max_text_len=32,
     )
-    GroundingDinoForObjectDetection(config).eval().save_pretrained(out)
+    AutoModelForZeroShotObjectDetection.from_config(config).eval().save_pretrained(out)
     image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
     GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     return out
