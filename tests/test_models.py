@@ -163,3 +163,16 @@ def test_same_pixels_hit_the_cache_and_different_pixels_miss(base_pipeline):
     segmenter.segment(changed, points=np.array([[10, 10]]))
     after = segmenter.cache_info()
     assert after["misses"] - before["misses"] == 2 and after["hits"] - before["hits"] == 1
+
+
+def test_head_by_head_global_attention_matches_transformers_sam(tiny_models):
+    from transformers import SamModel
+
+    from ml_backend.models.sam import lean_global_attention
+
+    reference = SamModel.from_pretrained(tiny_models["segmenter"]).eval()
+    lean = lean_global_attention(SamModel.from_pretrained(tiny_models["segmenter"]).eval())
+    assert any(type(layer.attn).__name__ == "HeadByHeadGlobalAttention" for layer in lean.vision_encoder.layers)
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(reference.get_image_embeddings(pixels), lean.get_image_embeddings(pixels), atol=1e-5)

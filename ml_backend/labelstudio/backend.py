@@ -135,23 +135,20 @@ class LabelStudioBackend:
             except PrelabelError as exc:
                 entries[i] = task_error(task.get("id") if isinstance(task, dict) else None, exc)
         loaded = self.loader.load_many(refs)
-        good = [(u, img) for u, img in zip(units, loaded) if isinstance(img, LoadedImage)]
         for (i, _), img in zip(units, loaded):
             if not isinstance(img, LoadedImage) and entries[i] is None:
                 entries[i] = task_error(tasks[i].get("id"), img)
-        good = [(u, img) for u, img in good if entries[u[0]] is None]
+        good = [(u, img) for u, img in zip(units, loaded) if entries[u[0]] is None]
         self.metrics.batch(len(good))
-        detections = self.pipeline.detect([img.array for _, img in good], ontology, masks=config.needs_masks)
-        by_task: dict[int, list] = {}
+        detections = self.pipeline.detect([img.array for _, img in good], ontology)
         for ((i, key), img), det in zip(good, detections):
-            by_task.setdefault(i, []).append((key, img, det))
-        for i, parts in by_task.items():
-            result, scores = [], []
-            for key, img, det in parts:
-                controls = [c for c in config.controls if c.data_key == key]
-                result += detections_to_results(det, controls, img.width, img.height)
-                scores.append(task_score(det, ontology))
-            entries[i] = {"result": result, "score": min(scores), "model_version": version}
+            if config.needs_masks:  # one image's full-size masks at a time, converted and dropped
+                self.pipeline.add_masks(img.array, det)
+            controls = [c for c in config.controls if c.data_key == key]
+            entry = entries[i] or {"result": [], "score": 1.0, "model_version": version}
+            entry["result"] += detections_to_results(det, controls, img.width, img.height)
+            entry["score"] = min(entry["score"], task_score(det, ontology))
+            entries[i] = entry
         failed = [e for e in entries if e and "error" in e]
         for e in failed:
             self.metrics.error(e["error"]["kind"])

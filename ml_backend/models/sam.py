@@ -11,7 +11,9 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch.nn.functional import scaled_dot_product_attention
 from transformers import SamModel, SamProcessor
+from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
 
 DECODER_CHUNK = 16  # boxes decoded (and upscaled to full size) at once, bounding memory on large images
 
@@ -56,12 +58,38 @@ def choose_multimask(boxes, points) -> bool:
     return boxes is None and points is not None and len(points) == 1
 
 
+class HeadByHeadGlobalAttention(SamVisionSdpaAttention):
+    """SAM's global attention one head at a time. All heads at once materialise a relative-position bias of
+    heads x (HW)^2 floats (805 MB per layer for SAM-B at 1024 px); one head needs a twelfth of it. Same math."""
+
+    def forward(self, hidden_states: torch.Tensor, output_attentions=False):
+        b, h, w, _ = hidden_states.shape
+        heads = self.num_attention_heads
+        q, k, v = self.qkv(hidden_states).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        out = torch.empty_like(q)
+        for i in range(heads):
+            bias = None
+            if self.use_rel_pos:
+                rel = self.get_decomposed_rel_pos(q[:, i], self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+                bias = rel.reshape(b, h * w, h * w)
+            out[:, i] = scaled_dot_product_attention(q[:, i], k[:, i], v[:, i], attn_mask=bias)
+        out = out.view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+        return self.proj(out), None
+
+
+def lean_global_attention(model: SamModel) -> SamModel:
+    for layer in model.vision_encoder.layers:
+        if layer.window_size == 0:
+            layer.attn.__class__ = HeadByHeadGlobalAttention
+    return model
+
+
 class HfSamSegmenter:
     def __init__(self, path: Path, model_id: str, device: torch.device, cache_size: int = 8):
         self.model_id = model_id
         self.device = device
         self.processor = SamProcessor.from_pretrained(path)
-        self.model = SamModel.from_pretrained(path).to(device).eval()
+        self.model = lean_global_attention(SamModel.from_pretrained(path).to(device).eval())
         self.cache = EmbeddingCache(cache_size)
         self._lock = threading.Lock()
 
