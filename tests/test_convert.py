@@ -5,6 +5,9 @@ from __future__ import annotations
 import numpy as np
 import supervision as sv
 
+import pytest
+from label_studio_sdk.converter.brush import mask2rle
+
 from ml_backend.labelstudio.config import Control
 from ml_backend.labelstudio.convert import (
     box_to_percent, detections_to_results, mask_to_polygons, mask_to_rle, percent_to_box, rle_to_mask,
@@ -20,6 +23,25 @@ def test_brush_rle_round_trips_exactly():
     rng = np.random.default_rng(0)
     mask = rng.random((37, 53)) > 0.6
     assert (rle_to_mask(mask_to_rle(mask), 53, 37) == mask).all()
+
+
+def _masks():
+    rng = np.random.default_rng(1)
+    yield np.zeros((3, 3), bool)
+    yield np.ones((300, 400), bool)  # one run of 480000 channel values: split into 2**16 pieces
+    yield np.ones((1, 1), bool)
+    for density in (0.05, 0.5, 0.95):
+        yield rng.random((41, 67)) < density
+    block = np.zeros((200, 300), bool)
+    block[20:150, 40:260] = True
+    block[199, 299] = True
+    yield block
+
+
+@pytest.mark.parametrize("mask", list(_masks()), ids=lambda m: f"{m.shape}-{int(m.sum())}")
+def test_brush_rle_is_bit_identical_to_label_studio_sdk(mask):
+    assert mask_to_rle(mask) == mask2rle(mask.astype(np.uint8) * 255)
+    assert (rle_to_mask(mask_to_rle(mask), mask.shape[1], mask.shape[0]) == mask).all()
 
 
 def test_polygon_of_a_rectangle_mask_covers_it():
