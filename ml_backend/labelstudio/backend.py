@@ -44,6 +44,13 @@ class PredictRequest(BaseModel):
     params: dict | None = None
 
 
+class PredictResponse(BaseModel):
+    """Exactly one entry per task: a prediction `{"result", "score", "model_version"}`, or for a task that failed
+    `{"task", "error": {"kind", "message"}}` (no `result`, so Label Studio stores nothing and retries later)."""
+
+    results: list[dict]
+
+
 class WebhookRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     action: str

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import secrets
 import time
@@ -12,13 +13,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from ..errors import PrelabelError
 from ..images import ImageLoader
 from ..metrics import Metrics
 from ..pipeline import Pipeline
-from .backend import LabelStudioBackend, PredictRequest, SetupRequest, WebhookRequest
+from .backend import LabelStudioBackend, PredictRequest, PredictResponse, SetupRequest, WebhookRequest
 from .store import EventStore
 
 log = logging.getLogger(__name__)
@@ -118,9 +119,12 @@ def create_app(pipeline: Pipeline, loader: ImageLoader | None = None, store: Eve
     async def setup(req: SetupRequest) -> dict:
         return await run_in_threadpool(backend.setup, req)
 
-    @app.post("/predict")
-    async def predict(req: PredictRequest) -> dict:
-        return await run_in_threadpool(backend.predict, req)
+    @app.post("/predict", responses={200: {"model": PredictResponse}})
+    async def predict(req: PredictRequest) -> Response:
+        # serialised in the worker thread with the C json encoder: a page of brush RLE is megabytes of ints,
+        # which FastAPI's per-element encoder would walk in Python on the event loop
+        body = await run_in_threadpool(lambda: json.dumps(backend.predict(req)).encode())
+        return Response(body, media_type="application/json")
 
     @app.post("/webhook")
     async def webhook(req: WebhookRequest) -> JSONResponse:
