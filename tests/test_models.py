@@ -176,3 +176,17 @@ def test_head_by_head_global_attention_matches_transformers_sam(tiny_models):
     pixels = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         assert torch.allclose(reference.get_image_embeddings(pixels), lean.get_image_embeddings(pixels), atol=1e-5)
+
+
+def test_query_chunked_deformable_attention_matches_transformers(tiny_models):
+    from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
+
+    from ml_backend.models.grounding_dino import chunk_deformable_attention
+
+    reference = AutoModelForZeroShotObjectDetection.from_pretrained(tiny_models["detector"]).eval()
+    chunked = chunk_deformable_attention(AutoModelForZeroShotObjectDetection.from_pretrained(tiny_models["detector"]).eval(), chunk=7)
+    processor = AutoProcessor.from_pretrained(tiny_models["detector"])
+    inputs = processor(images=images()[:2], text=["car . person ."] * 2, return_tensors="pt")
+    with torch.inference_mode():
+        a, b = reference(**inputs), chunked(**inputs)
+    assert torch.allclose(a.logits, b.logits, atol=1e-5) and torch.allclose(a.pred_boxes, b.pred_boxes, atol=1e-6)
