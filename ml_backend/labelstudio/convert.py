@@ -7,8 +7,6 @@ import uuid
 
 import numpy as np
 import supervision as sv
-from label_studio_sdk.converter.brush import decode_rle, mask2rle
-
 from .config import Control
 
 
@@ -43,12 +41,12 @@ _HEADER = f"{0:032b}{8 - 1:05b}" + "".join(f"{n - 1:04b}" for n in _RUN_BITS)
 
 
 def mask_to_rle(mask: np.ndarray) -> list[int]:
-    """Brush RLE of a boolean mask, bit-identical to `label_studio_sdk.converter.brush.mask2rle(mask * 255)`,
+    """Brush RLE of a boolean mask, bit-identical to label-studio-sdk's `converter.brush.mask2rle(mask * 255)`,
     vectorised: the SDK's per-run Python loop takes seconds on large, ragged masks."""
     flat = mask.astype(np.uint8).ravel() * np.uint8(255)
     n = flat.size * 4  # RGBA, every channel equal
     if flat.size == 0:
-        return mask2rle(flat.reshape(mask.shape))
+        raise ValueError("cannot encode an empty mask")
     ends = np.append(np.flatnonzero(flat[1:] != flat[:-1]), flat.size - 1)
     lengths = np.diff(np.append(-1, ends)) * 4
     values = flat[ends].astype(np.uint32)
@@ -74,6 +72,8 @@ def mask_to_rle(mask: np.ndarray) -> list[int]:
 
 
 def rle_to_mask(rle: list[int], width: int, height: int) -> np.ndarray:
+    from label_studio_sdk.converter.brush import decode_rle  # heavy import, only needed to read masks back
+
     return np.reshape(decode_rle(rle), (height, width, 4))[:, :, 3] > 0
 
 
