@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import resource
 import threading
 import time
@@ -65,11 +63,3 @@ def memory() -> dict:
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     return {"rss_bytes": psutil.Process().memory_info().rss, "peak_rss_bytes": peak_kib * 1024}
 
-
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
-
-
-def release_free_memory() -> None:
-    """Hand memory freed by inference back to the OS (glibc keeps it otherwise: ~0.3 GB after a full-size batch)."""
-    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
-        _LIBC.malloc_trim(0)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..active import task_score
 from ..errors import ConfigError, PrelabelError, RequestError
 from ..images import ImageLoader, LoadedImage
-from ..metrics import Metrics, release_free_memory
+from ..metrics import Metrics
 from ..ontology import LabelSpec, Ontology, normalize_prompt
 from ..pipeline import Pipeline
 from ..types import make_detections
@@ -161,7 +161,6 @@ class LabelStudioBackend:
             self.metrics.error(e["error"]["kind"])
             log.warning("%s", e["error"]["message"])
         self.metrics.count("tasks_predicted", len(tasks) - len(failed))
-        release_free_memory()
         return entries
 
     @staticmethod
