@@ -7,7 +7,7 @@ PROMPTS ?= prompts/example.yaml
 PORT ?= 9090
 HOST ?= 127.0.0.1
 
-.PHONY: install serve test tiny-models bench
+.PHONY: install serve test tiny-models bench browser
 
 install: $(STAMP)
 
@@ -21,7 +21,11 @@ $(STAMP): pyproject.toml
 serve: $(STAMP)
 	$(BIN)/prelabel serve --prompts $(PROMPTS) --host $(HOST) --port $(PORT)
 
-test: $(STAMP)
+# Debian's Chromium for the browser test (never `playwright install`: it downloads a browser)
+browser:
+	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 FIFTYONE_DO_NOT_TRACK=true $(BIN)/python -m pytest -q
 
 tiny-models: $(STAMP)

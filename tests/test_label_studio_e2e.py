@@ -186,3 +186,40 @@ def test_images_load_with_a_personal_access_token_and_a_wrong_token_is_named(lab
     (entry,) = httpx.post(f"{backend.url}/predict", json=body, timeout=60).json()["results"]
     message = entry["error"]["message"]
     assert entry["error"]["kind"] == "image_auth" and image in message and "401" in message and "LABEL_STUDIO_API_KEY" in message
+
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is installed by `make test`")
+def test_labeling_page_shows_our_prediction_regions(label_studio, ls, connected):
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    backend, project, ml, uploaded, local = connected
+    post(label_studio, "/api/dm/actions", params={"id": "retrieve_tasks_predictions", "project": project.id},
+         json={"selectedItems": {"all": False, "included": uploaded}}).raise_for_status()
+    (prediction,) = ls.predictions.list(task=uploaded[0])
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.goto(f"{label_studio}/user/login/")
+            page.fill("#email", USER)
+            page.fill("#password", PASSWORD)
+            page.press("#password", "Enter")
+            page.wait_for_url(lambda url: "/user/login" not in url, timeout=60_000)
+            page.goto(f"{label_studio}/projects/{project.id}/data?task={uploaded[0]}")
+            page.wait_for_selector(".lsf-outliner-item", timeout=90_000)
+            page.wait_for_selector(".konvajs-content canvas", timeout=30_000)
+            shown = page.evaluate(
+                "() => window.Htx.annotationStore.selected.regions.map(r => [r.origin, r.type])"
+            )
+            page.screenshot(path=str(ARTIFACTS / "label-studio-prediction.png"))
+        finally:
+            browser.close()
+    assert len(shown) == len(prediction.result)
+    assert {origin for origin, _ in shown} == {"prediction"}
+    assert {kind for _, kind in shown} == {"rectangleregion", "brushregion"}
