@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -74,6 +75,86 @@ def serve(
         raise typer.Exit(2) from None
     log.info("models ready: %s", pipeline.base_version)
     uvicorn.run(create_app(pipeline), host=host, port=port, log_level="debug" if verbose else "info")
+
+
+@app.command()
+def up(
+    images: Path = typer.Argument(Path("images"), help="Folder of images (connected as local-files storage, not copied)."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompts file: labels, synonyms, thresholds, models."),
+    port: int = typer.Option(8080, help="Label Studio port."),
+    backend_port: int = typer.Option(9090, help="Backend port."),
+    data_dir: Path = typer.Option(Path(".prelabel/label-studio"), help="Label Studio's data (SQLite, uploads)."),
+    tiny_models: bool = typer.Option(False, "--tiny-models", help="Offline tiny random models (tests, demos)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Label Studio + this backend + a pre-annotated project for IMAGES, in one command (Ctrl-C stops both)."""
+    import signal
+
+    from label_studio_sdk.client import LabelStudio
+    from label_studio_sdk.core.api_error import ApiError
+
+    from .labelstudio.server import create_app
+    from .labelstudio.stack import (
+        BackendThread, Credentials, LabelStudioProcess, StackError, ensure_project, label_config, preannotate,
+    )
+    from .pipeline import Pipeline
+
+    _logging(verbose)
+    images = images.expanduser().resolve()
+    if not images.is_dir():
+        typer.secho(f"error: {images} is not a folder of images", fg="red", err=True)
+        raise typer.Exit(2)
+    data_dir = data_dir.expanduser().resolve()
+    creds = Credentials.load_or_create(data_dir / "prelabel-credentials.json")
+    overrides = dict(prompts=prompts, device=device, label_studio_url=f"http://127.0.0.1:{port}",
+                     label_studio_api_key=creds.token, local_files_document_root=images.parent, model_dir=data_dir.parent)
+    if tiny_models:
+        from .models.tiny import write_tiny_models
+
+        tiny = data_dir.parent / "tiny-models"
+        paths = {k: tiny / k for k in ("detector", "segmenter")}
+        if not all((p / "config.json").exists() for p in paths.values()):
+            paths = write_tiny_models(tiny)
+        overrides |= {"detector": str(paths["detector"]), "segmenter": str(paths["segmenter"])}
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly on SIGTERM as on Ctrl-C
+    studio = backend = None
+    try:
+        pipeline = Pipeline.from_settings(_settings(**overrides))
+        if not pipeline.prompts.labels:
+            raise PrelabelError("prelabel up needs labels: pass --prompts FILE (see prompts/example.yaml)")
+        # Label Studio serves local files below a document root that must be a parent of the storage folder
+        studio = LabelStudioProcess(data_dir, port, images.parent, creds)
+        backend = BackendThread(create_app(pipeline), backend_port)
+        backend.start()
+        log.info("starting Label Studio on %s (first start takes ~40 s)", studio.url)
+        studio.wait_ready()
+        client = LabelStudio(base_url=studio.url, api_key=creds.token)
+        config = label_config(pipeline.ontology(), masks=pipeline.segmenter is not None)
+        project_id, _ = ensure_project(client, f"prelabel: {images.name}", config, images, backend.url)
+        report = preannotate(client, project_id, backend.server.config.app.state.backend, config, pipeline.settings.batch_size)
+        for error in report["errors"]:
+            typer.secho(error["error"]["message"], fg="yellow", err=True)
+        typer.echo(
+            f"ready: {studio.url}/projects/{project_id}/data  login {creds.email} / {creds.password}  "
+            f"({report['predicted']} pre-annotated, {report['skipped']} already had {report['model_version']}, "
+            f"{len(report['errors'])} failed); backend {backend.url}; Ctrl-C stops both",
+        )
+        while True:
+            time.sleep(1)
+            if studio.process.poll() is not None:
+                raise StackError(f"Label Studio stopped unexpectedly; see {studio.log_path}")
+    except KeyboardInterrupt:
+        typer.echo("stopping")
+    except (PrelabelError, ApiError) as exc:
+        detail = f"Label Studio answered {exc.status_code}: {exc.body}" if isinstance(exc, ApiError) else exc
+        typer.secho(f"error: {detail}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        if backend is not None:
+            backend.stop()
+        if studio is not None:
+            studio.stop()
 
 
 @dev.command("tiny-models")

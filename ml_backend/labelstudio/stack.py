@@ -1,0 +1,194 @@
+"""`prelabel up`: a local Label Studio plus this backend, a project for a folder of images, pre-annotated."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+import httpx
+
+from ..errors import PrelabelError
+from ..ontology import Ontology
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = r".*\.(jpe?g|png|bmp|gif|webp|tiff?)$"
+
+
+class StackError(PrelabelError):
+    kind = "stack"
+
+
+def label_config(ontology: Ontology, masks: bool = True) -> str:
+    """Rectangles (also a smart tool), brush masks and smart keypoints for every label."""
+    labels = "".join(f"<Label value={quoteattr(name)}/>" for name in ontology.names)
+    parts = [
+        '<View>',
+        '  <Image name="image" value="$image" zoom="true"/>',
+        f'  <RectangleLabels name="box" toName="image" smart="true">{labels}</RectangleLabels>',
+    ]
+    if masks:
+        parts += [
+            f'  <BrushLabels name="mask" toName="image">{labels}</BrushLabels>',
+            f'  <KeyPointLabels name="point" toName="image" smart="true">{labels}</KeyPointLabels>',
+        ]
+    return "\n".join(parts + ["</View>"])
+
+
+@dataclass
+class Credentials:
+    email: str
+    password: str
+    token: str
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> Credentials:
+        if path.exists():
+            return cls(**json.loads(path.read_text()))
+        creds = cls("admin@prelabel.local", secrets.token_urlsafe(12), secrets.token_hex(20))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(creds.__dict__))
+        path.chmod(0o600)
+        return creds
+
+
+class LabelStudioProcess:
+    """Label Studio (SQLite) in a child process, data in `data_dir`, serving local files from `document_root`."""
+
+    def __init__(self, data_dir: Path, port: int, document_root: Path, creds: Credentials):
+        self.url = f"http://127.0.0.1:{port}"
+        self.data_dir = data_dir
+        executable = shutil.which("label-studio") or str(Path(sys.executable).with_name("label-studio"))
+        if not Path(executable).exists():
+            raise StackError("Label Studio is not installed: pip install 'prelabel[studio]'")
+        env = os.environ | {
+            "LABEL_STUDIO_USERNAME": creds.email,
+            "LABEL_STUDIO_PASSWORD": creds.password,
+            "LABEL_STUDIO_USER_TOKEN": creds.token,
+            "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+            "LOCAL_FILES_SERVING_ENABLED": "true",
+            "LOCAL_FILES_DOCUMENT_ROOT": str(document_root),
+            "ML_BLOCK_LOCAL_IP": "false",  # the backend runs beside it on 127.0.0.1
+            "USE_DEFAULT_BANNED_SUBNETS": "false",  # ...and so does the webhook Label Studio adds for it
+            "LATEST_VERSION_CHECK": "false",
+            "COLLECT_ANALYTICS": "false",
+            "SENTRY_DSN": "",
+            "FRONTEND_SENTRY_DSN": "",
+        }
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = data_dir / "label-studio.log"
+        self._log = self.log_path.open("a")
+        command = [executable, "start", "--no-browser", "--host", "127.0.0.1", "--internal-host", "127.0.0.1",
+                   "--port", str(port), "--data-dir", str(data_dir)]
+        self.process = subprocess.Popen(command, env=env, stdout=self._log, stderr=subprocess.STDOUT, cwd=data_dir)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise StackError(f"Label Studio exited with {self.process.returncode}; see {self.log_path}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).json().get("status") == "UP":
+                    return
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(1)
+        raise StackError(f"Label Studio did not start within {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+class BackendThread:
+    """The FastAPI backend under uvicorn in this process (models already loaded)."""
+
+    def __init__(self, app, port: int):
+        import uvicorn
+
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self, timeout: float = 30) -> None:
+        self.thread.start()
+        deadline = time.time() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.time() > deadline:
+                raise StackError(f"the backend could not start on {self.url} (port in use?)")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+
+
+def ensure_project(client, title: str, config: str, images: Path, backend_url: str) -> tuple[int, int]:
+    """Create or reuse the project for `images`: its config, local-files storage (synced, never copied) and
+    interactive ML backend. Returns (project id, ML backend id)."""
+    project = next((p for p in client.projects.list() if p.title == title), None)
+    if project is None:
+        project = client.projects.create(title=title, label_config=config)
+    elif project.label_config != config:
+        client.projects.update(id=project.id, label_config=config)
+    storages = client.import_storage.local.list(project=project.id)
+    storage = next((s for s in storages if Path(s.path) == images), None)
+    if storage is None:
+        storage = client.import_storage.local.create(
+            project=project.id, path=str(images), use_blob_urls=True, regex_filter=IMAGE_SUFFIXES, title=images.name
+        )
+    client.import_storage.local.sync(id=storage.id)
+    backends = client.ml.list(project=project.id)
+    ml = next((m for m in backends if m.url.rstrip("/") == backend_url), None)
+    if ml is None:
+        ml = client.ml.create(url=backend_url, project=project.id, is_interactive=True, title="prelabel")
+    return project.id, ml.id
+
+
+def preannotate(client, project_id: int, backend, config_xml: str, batch_size: int = 4) -> dict:
+    """Predict every task that has no prediction of the current model version yet (so a rerun adds nothing twice),
+    storing predictions through the API, with a progress bar. Returns counts and per-task errors."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(f"{task.speed or 0:.2f} img/s")
+
+    from .config import parse_config
+
+    config = parse_config(config_xml)
+    ontology = config.ontology(backend.pipeline.prompts, backend.settings.max_detections)
+    version = backend.pipeline.model_version(ontology)
+    done = {p.task for p in client.predictions.list(project=project_id) if p.model_version == version}
+    todo = [t for t in client.tasks.list(project=project_id) if t.id not in done]
+    errors: list[dict] = []
+    columns = (TextColumn("pre-annotating"), BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as progress:
+        bar = progress.add_task("tasks", total=len(todo))
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            entries = backend.predict_tasks([{"id": t.id, "data": t.data} for t in chunk], config, ontology, version)
+            for task, entry in zip(chunk, entries):
+                if "error" in entry:
+                    errors.append(entry)
+                else:
+                    client.predictions.create(task=task.id, result=entry["result"], score=entry["score"], model_version=version)
+            progress.advance(bar, len(chunk))
+    return {"model_version": version, "predicted": len(todo) - len(errors), "skipped": len(done), "errors": errors}
