@@ -4,10 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROMPTS ?= prompts/example.yaml
+IMAGES ?= images
 PORT ?= 9090
 HOST ?= 127.0.0.1
 
-.PHONY: install serve test tiny-models bench browser
+.PHONY: install up serve test tiny-models bench browser
 
 install: $(STAMP)
 
@@ -17,6 +18,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[test,sam-original]'
 	touch $@
+
+up: $(STAMP)
+	$(BIN)/prelabel up $(IMAGES) --prompts $(PROMPTS)
 
 serve: $(STAMP)
 	$(BIN)/prelabel serve --prompts $(PROMPTS) --host $(HOST) --port $(PORT)
