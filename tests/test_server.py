@@ -173,7 +173,14 @@ def test_textarea_prompt_that_names_no_label_is_a_clear_error(http, backend):
 def test_interactive_label_outside_the_mask_control_is_rejected(http, backend):
     response = interactive(http, backend, keypoint(40, 50, label="Tree"))
     assert response.status_code == 400
-    assert "'Tree'" in response.json()["error"]["message"]
+    assert response.json()["error"]["message"].startswith("task 2: label 'Tree'")
+
+
+def test_interactive_on_an_unreachable_image_names_the_task_and_url(http, backend):
+    response = interactive(http, backend, keypoint(40, 50), task_image="/data/upload/missing.png")
+    assert response.status_code == 422
+    message = response.json()["error"]["message"]
+    assert message.startswith("task 2: ") and "/data/upload/missing.png" in message and "404" in message
 
 
 def test_setup_returns_a_model_version_that_changes_with_the_prompts(http, start_backend):

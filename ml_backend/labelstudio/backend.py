@@ -123,7 +123,12 @@ class LabelStudioBackend:
         if isinstance(context, dict) and context.get("result"):
             if len(req.tasks) != 1:
                 raise RequestError(f"interactive annotation takes exactly one task, got {len(req.tasks)}")
-            return {"results": [self.interactive(req.tasks[0], config, ontology, context, version)]}
+            task = req.tasks[0]
+            try:
+                return {"results": [self.interactive(task, config, ontology, context, version)]}
+            except PrelabelError as exc:  # name the task, as batch errors do
+                tid = task.get("id") if isinstance(task, dict) else None
+                raise type(exc)(task_error(tid, exc)["error"]["message"]) from None
         return {"results": self.predict_tasks(req.tasks, config, ontology, version)}
 
     def predict_tasks(self, tasks: list, config: ProjectConfig, ontology: Ontology, version: str) -> list[dict]:
@@ -185,7 +190,7 @@ class LabelStudioBackend:
         to_name = next((r["to_name"] for r in regions if r.get("to_name")), config.controls[0].to_name)
         key = next((c.data_key for c in config.controls if c.to_name == to_name), config.controls[0].data_key)
         if key not in data:
-            raise RequestError(f"task {tid}: task data has no {key!r} field")
+            raise RequestError(f"task data has no {key!r} field")
         image = self.loader.load(data[key], tid)
         if texts:
             return self._text_prompt(image, texts[0], config, ontology, key, version)
