@@ -64,3 +64,11 @@ def test_original_sam_checkpoints_load_through_segment_anything(tmp_path):
     mask, score = segmenter.segment(image, points=np.array([[20, 20]]), point_labels=np.array([1]))
     assert mask.shape == (1, 64, 96)
     assert segmenter.cache_info()["hits"] == 1 and segmenter.cache_info()["misses"] == 1
+
+
+def test_up_refuses_a_missing_folder_and_a_run_without_labels(tmp_path):
+    done = run_cli("up", str(tmp_path / "nope"), "--tiny-models", "--data-dir", str(tmp_path / "ls"))
+    assert done.returncode == 2 and "is not a folder of images" in done.stderr
+    (tmp_path / "images").mkdir()
+    done = run_cli("up", str(tmp_path / "images"), "--tiny-models", "--data-dir", str(tmp_path / "ls"), "--port", str(free_port()))
+    assert done.returncode == 2 and "needs labels: pass --prompts FILE" in done.stderr
