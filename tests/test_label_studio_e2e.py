@@ -4,13 +4,14 @@ with the backend on tiny models over real HTTP."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+
+from ml_backend.labelstudio.stack import label_studio_executable
 
 from .conftest import LEGACY_TOKEN, free_port
 
@@ -47,7 +48,7 @@ def label_studio(tmp_path_factory, image_dir):
         "FRONTEND_SENTRY_DSN": "",
     }
     command = [
-        shutil.which("label-studio") or "label-studio", "start", "--no-browser", "--host", "127.0.0.1",
+        label_studio_executable(), "start", "--no-browser", "--host", "127.0.0.1",
         "--internal-host", "127.0.0.1", "--port", str(port), "--data-dir", str(data),
     ]
     log = (data / "label-studio.log").open("w")

@@ -62,15 +62,22 @@ class Credentials:
         return creds
 
 
+def label_studio_executable() -> str:
+    """The `label-studio` of this Python's environment (which need not be on PATH), else the one on PATH."""
+    beside = Path(sys.executable).with_name("label-studio")
+    found = str(beside) if beside.exists() else shutil.which("label-studio")
+    if not found:
+        raise StackError("Label Studio is not installed: pip install 'prelabel[studio]'")
+    return found
+
+
 class LabelStudioProcess:
     """Label Studio (SQLite) in a child process, data in `data_dir`, serving local files from `document_root`."""
 
     def __init__(self, data_dir: Path, port: int, document_root: Path, creds: Credentials):
         self.url = f"http://127.0.0.1:{port}"
         self.data_dir = data_dir
-        executable = shutil.which("label-studio") or str(Path(sys.executable).with_name("label-studio"))
-        if not Path(executable).exists():
-            raise StackError("Label Studio is not installed: pip install 'prelabel[studio]'")
+        executable = label_studio_executable()
         env = os.environ | {
             "LABEL_STUDIO_USERNAME": creds.email,
             "LABEL_STUDIO_PASSWORD": creds.password,
