@@ -3,15 +3,13 @@ with the backend on tiny models over real HTTP."""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from ml_backend.labelstudio.stack import label_studio_executable
+from ml_backend.labelstudio.stack import Credentials, LabelStudioProcess
 
 from .conftest import LEGACY_TOKEN, free_port
 
@@ -30,47 +28,13 @@ USER, PASSWORD = "prelabel@example.com", "prelabel-test-pass"
 
 @pytest.fixture(scope="session")
 def label_studio(tmp_path_factory, image_dir):
-    """A real Label Studio on loopback, stopped afterwards."""
-    data = tmp_path_factory.mktemp("label-studio")
-    port = free_port()
-    env = os.environ | {
-        "ML_BLOCK_LOCAL_IP": "false",
-        "USE_DEFAULT_BANNED_SUBNETS": "false",  # the webhook Label Studio adds for the backend is on loopback too
-        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
-        "LABEL_STUDIO_USERNAME": USER,
-        "LABEL_STUDIO_PASSWORD": PASSWORD,
-        "LABEL_STUDIO_USER_TOKEN": LEGACY_TOKEN,
-        "LOCAL_FILES_SERVING_ENABLED": "true",
-        "LOCAL_FILES_DOCUMENT_ROOT": str(image_dir),
-        "LATEST_VERSION_CHECK": "false",
-        "COLLECT_ANALYTICS": "false",
-        "SENTRY_DSN": "",
-        "FRONTEND_SENTRY_DSN": "",
-    }
-    command = [
-        label_studio_executable(), "start", "--no-browser", "--host", "127.0.0.1",
-        "--internal-host", "127.0.0.1", "--port", str(port), "--data-dir", str(data),
-    ]
-    log = (data / "label-studio.log").open("w")
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=data)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while True:
-        assert process.poll() is None, (data / "label-studio.log").read_text()[-3000:]
-        try:
-            if httpx.get(f"{url}/health", timeout=2).json().get("status") == "UP":
-                break
-        except (httpx.HTTPError, ValueError):
-            pass
-        assert time.time() < deadline, "Label Studio did not start within 240 s"
-        time.sleep(1)
-    yield url
-    process.terminate()
+    """A real Label Studio on loopback (the same launcher `prelabel up` uses), stopped afterwards."""
+    studio = LabelStudioProcess(tmp_path_factory.mktemp("label-studio"), free_port(), image_dir, Credentials(USER, PASSWORD, LEGACY_TOKEN))
     try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+        studio.wait_ready(timeout=240)
+        yield studio.url
+    finally:
+        studio.stop()
 
 
 @pytest.fixture

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import base64
 
-import numpy as np
 import pytest
 from label_studio_sdk.label_interface import LabelInterface
-from PIL import Image
 
 from ml_backend.labelstudio.convert import rle_to_mask
 from ml_backend.ontology import PromptsFile

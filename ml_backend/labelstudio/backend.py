@@ -18,7 +18,7 @@ from ..metrics import Metrics
 from ..ontology import LabelSpec, Ontology, normalize_prompt
 from ..pipeline import Pipeline
 from ..types import make_detections
-from .config import Control, ProjectConfig, parse_config
+from .config import ProjectConfig, parse_config
 from .convert import detections_to_results, percent_to_box, percent_to_point
 from .store import EventStore
 
