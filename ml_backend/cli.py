@@ -98,6 +98,7 @@ def up(
     from .labelstudio.stack import (
         BackendThread, Credentials, LabelStudioProcess, StackError, ensure_project, label_config, preannotate,
     )
+    from .ontology import PromptsFile
     from .pipeline import Pipeline
 
     _logging(verbose)
@@ -120,9 +121,10 @@ def up(
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly on SIGTERM as on Ctrl-C
     studio = backend = None
     try:
-        pipeline = Pipeline.from_settings(_settings(**overrides))
-        if not pipeline.prompts.labels:
+        settings = _settings(**overrides)
+        if not PromptsFile.load(settings.prompts).labels:  # before any model download
             raise PrelabelError("prelabel up needs labels: pass --prompts FILE (see prompts/example.yaml)")
+        pipeline = Pipeline.from_settings(settings)
         # Label Studio serves local files below a document root that must be a parent of the storage folder
         studio = LabelStudioProcess(data_dir, port, images.parent, creds)
         backend = BackendThread(create_app(pipeline), backend_port)
