@@ -1,0 +1,71 @@
+"""The one place where core Detections become CVAT shapes: `rectangle` (x1, y1, x2, y2), `mask` (CVAT's run lengths
+over the box crop with the inclusive box appended, via `cvat_sdk.masks`) and `polygon` (flat x, y list)."""
+
+from __future__ import annotations
+
+import numpy as np
+import supervision as sv
+from cvat_sdk.masks import decode_mask, encode_mask
+
+from ..errors import ConfigError
+
+SHAPE_TYPES = ("rectangle", "mask", "polygon")
+
+
+def rectangle_points(xyxy) -> list[float]:
+    return [round(float(v), 2) for v in xyxy]
+
+
+def mask_points(mask: np.ndarray) -> list[float]:
+    """CVAT mask encoding of a full-size boolean mask (tight box around its pixels)."""
+    return encode_mask(mask.astype(bool))
+
+
+def points_to_mask(points: list[float], width: int, height: int) -> np.ndarray:
+    return decode_mask(points, image_width=width, image_height=height)
+
+
+def polygon_points(mask: np.ndarray) -> list[float]:
+    """The largest outer contour of a mask as CVAT's flat [x1, y1, x2, y2, ...] (empty if under 3 points)."""
+    polygons = [p for p in sv.mask_to_polygons(mask.astype(bool)) if len(p) >= 3]
+    if not polygons:
+        return []
+    return [float(v) for v in max(polygons, key=len).reshape(-1)]
+
+
+def match_labels(names: list[str], cvat_labels: list[str]) -> dict[str, str]:
+    """Our label -> CVAT label, by exact then case-insensitive name; a label CVAT does not have is an error naming
+    both sides."""
+    folded = {c.casefold(): c for c in cvat_labels}
+    out, missing = {}, []
+    for name in names:
+        match = name if name in cvat_labels else folded.get(name.casefold())
+        if match is None:
+            missing.append(name)
+        else:
+            out[name] = match
+    if missing:
+        raise ConfigError(f"labels {missing} are not labels of the CVAT task {sorted(cvat_labels)}")
+    return out
+
+
+def detections_to_shapes(detections: sv.Detections, shape_type: str = "rectangle") -> list[dict]:
+    """CVAT's serverless response: one dict per detection, confidence as a string, as CVAT's own functions send."""
+    if shape_type not in SHAPE_TYPES:
+        raise ConfigError(f"shape type {shape_type!r} is not one of {SHAPE_TYPES}")
+    if shape_type != "rectangle" and detections.mask is None:
+        raise ConfigError(f"{shape_type} shapes need masks: run with a segmenter")
+    shapes = []
+    names = detections.data.get("class_name", [])
+    for i in range(len(detections)):
+        shape = {"confidence": f"{float(detections.confidence[i]):.4f}", "label": str(names[i]), "type": shape_type}
+        if shape_type == "rectangle":
+            shape["points"] = rectangle_points(detections.xyxy[i])
+        elif shape_type == "mask":
+            shape["mask"] = mask_points(detections.mask[i])
+            shape["points"] = polygon_points(detections.mask[i])
+        else:  # a speck of a mask has no outline of 3 points: its box corners stand in, nothing is dropped
+            x1, y1, x2, y2 = rectangle_points(detections.xyxy[i])
+            shape["points"] = polygon_points(detections.mask[i]) or [x1, y1, x2, y1, x2, y2, x1, y2]
+        shapes.append(shape)
+    return shapes
