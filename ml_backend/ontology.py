@@ -152,10 +152,6 @@ class Ontology:
         """Every (prompt, label index) pair."""
         return [(p, i) for i, s in enumerate(self.labels) for p in s.prompts]
 
-    def subset(self, names: list[str]) -> Ontology:
-        keep = [s for s in self.labels if s.name in set(names)]
-        return Ontology(tuple(keep), self.text_threshold, self.nms_iou, self.max_detections)
-
     def digest(self) -> str:
         payload = {
             "labels": [[s.name, list(s.prompts), s.threshold] for s in self.labels],

@@ -15,7 +15,6 @@ log = logging.getLogger(__name__)
 
 OUTPUT_TAGS = {"RectangleLabels": "rectanglelabels", "BrushLabels": "brushlabels", "PolygonLabels": "polygonlabels"}
 MASK_TYPES = {"brushlabels", "polygonlabels"}
-INTERACTIVE_TAGS = {"KeyPointLabels", "TextArea"}
 
 
 @dataclass(frozen=True)
@@ -32,8 +31,6 @@ class ProjectConfig:
     controls: list[Control]
     labels: list[str]
     predicted_values: dict[str, list[str]] = field(default_factory=dict)
-    text_controls: list[str] = field(default_factory=list)
-    interface: LabelInterface | None = None
 
     @property
     def needs_masks(self) -> bool:
@@ -50,10 +47,6 @@ class ProjectConfig:
                     return c
         return None
 
-    def validate(self, prediction: dict) -> list:
-        """Label Studio's own check of a prediction against this config (empty list when valid)."""
-        return self.interface.validate_prediction(prediction, return_errors=True) or []
-
 
 @functools.lru_cache(maxsize=64)
 def parse_config(config: str) -> ProjectConfig:
@@ -63,10 +56,8 @@ def parse_config(config: str) -> ProjectConfig:
         interface = LabelInterface(config)
     except Exception as exc:  # noqa: BLE001 - the SDK raises many types for broken XML
         raise ConfigError(f"label config cannot be parsed: {exc}") from None
-    controls, labels, predicted, texts = [], [], {}, []
+    controls, labels, predicted = [], [], {}
     for tag in interface.controls:
-        if tag.tag == "TextArea":
-            texts.append(tag.name)
         if tag.tag not in OUTPUT_TAGS:
             continue
         for to_name in tag.to_name:
@@ -87,4 +78,4 @@ def parse_config(config: str) -> ProjectConfig:
             f"label config has no control we can pre-annotate: found {', '.join(found)}; supported are "
             f"RectangleLabels, BrushLabels and PolygonLabels on an <Image> (KeyPointLabels/TextArea only with them)"
         )
-    return ProjectConfig(controls, list(dict.fromkeys(labels)), predicted, texts, interface)
+    return ProjectConfig(controls, list(dict.fromkeys(labels)), predicted)
