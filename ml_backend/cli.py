@@ -14,7 +14,9 @@ from .errors import PrelabelError
 
 app = typer.Typer(help="Open-vocabulary pre-annotation for Label Studio and CVAT.", no_args_is_help=True)
 dev = typer.Typer(help="Developer tools.", no_args_is_help=True)
+cvat = typer.Typer(help="CVAT: nuclio functions and auto-annotation.", no_args_is_help=True)
 app.add_typer(dev, name="dev")
+app.add_typer(cvat, name="cvat")
 
 log = logging.getLogger("prelabel")
 
@@ -34,6 +36,15 @@ def _settings(**overrides):
     from .settings import Settings
 
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _segmenter_flag(value: str | None) -> str | None:
+    return None if value is None else ("" if value.lower() == "none" else value)
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    typer.secho(f"error: {exc}", fg="red", err=True)
+    return typer.Exit(2)
 
 
 def _is_loopback(host: str) -> bool:
@@ -62,17 +73,13 @@ def serve(
     from .pipeline import Pipeline
 
     _logging(verbose)
-    settings = _settings(
-        prompts=prompts, detector=detector, device=device,
-        segmenter=None if segmenter is None else ("" if segmenter.lower() == "none" else segmenter),
-    )
+    settings = _settings(prompts=prompts, detector=detector, device=device, segmenter=_segmenter_flag(segmenter))
     if not _is_loopback(host) and not settings.basic_auth_user:
         log.warning("serving on %s without BASIC_AUTH_USER/BASIC_AUTH_PASS: anyone who can reach it can use it", host)
     try:
         pipeline = Pipeline.from_settings(settings)
     except PrelabelError as exc:
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(2) from None
+        raise _fail(exc) from None
     log.info("models ready: %s", pipeline.base_version)
     uvicorn.run(create_app(pipeline), host=host, port=port, log_level="debug" if verbose else "info")
 
@@ -157,6 +164,45 @@ def up(
             backend.stop()
         if studio is not None:
             studio.stop()
+
+
+@app.command()
+def fetch(
+    prompts: Optional[Path] = typer.Option(None, help="Prompts file: its detector/segmenter are fetched."),
+    detector: Optional[str] = typer.Option(None, help="Detector: hub id or local directory, or 'none'."),
+    segmenter: Optional[str] = typer.Option(None, help="Segmenter: hub id, local directory, or 'none'."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Download the models once (into the hub cache, HF_HOME) so that later starts work offline."""
+    from .models.loading import resolve_model
+    from .ontology import PromptsFile
+    from .pipeline import model_refs
+
+    _logging(verbose)
+    try:
+        settings = _settings(prompts=prompts, detector=_segmenter_flag(detector), segmenter=_segmenter_flag(segmenter))
+        refs = dict(zip(("detector", "segmenter"), model_refs(settings, PromptsFile.load(settings.prompts))))
+        for kind, ref in refs.items():
+            if ref:
+                typer.echo(f"{kind}: {ref} -> {resolve_model(ref, settings.model_dir)}")
+    except PrelabelError as exc:
+        raise _fail(exc) from None
+
+
+@cvat.command("spec")
+def cvat_spec(
+    prompts: Path = typer.Option(..., help="Prompts file whose labels the detector offers."),
+    function_dir: Path = typer.Option(Path("cvat_nuclio/grounding_dino"), help="The detector function's folder."),
+    shape: str = typer.Option("rectangle", help="What every label gets: rectangle, mask or polygon (masks by SAM)."),
+):
+    """Write the prompts file's labels into function.yaml / function-gpu.yaml and copy it beside them."""
+    from .cvat.functions import write_function_spec
+
+    try:
+        for path in write_function_spec(function_dir, prompts, shape):
+            typer.echo(f"wrote {path}")
+    except PrelabelError as exc:
+        raise _fail(exc) from None
 
 
 @dev.command("tiny-models")

@@ -55,3 +55,8 @@ class RequestError(PrelabelError):
 
     kind = "request"
     status = 400
+
+
+def describe_validation(errors: list[dict]) -> str:
+    """pydantic's errors() as one line: `field.sub: message; ...`."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import PromptsError
+from .errors import PromptsError, describe_validation
 
 
 def normalize_prompt(text: str) -> str:
@@ -82,8 +82,7 @@ class PromptsFile(BaseModel):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise PromptsError(f"prompts file {path}: {problems}") from None
+            raise PromptsError(f"prompts file {path}: {describe_validation(exc.errors())}") from None
 
     def entry_for(self, label: str) -> LabelEntry | None:
         if label in self.labels:
@@ -151,6 +150,10 @@ class Ontology:
     def prompts(self) -> list[tuple[str, int]]:
         """Every (prompt, label index) pair."""
         return [(p, i) for i, s in enumerate(self.labels) for p in s.prompts]
+
+    def with_threshold(self, threshold: float) -> Ontology:
+        """The same labels with one box threshold for all (a caller's explicit threshold overrides the file's)."""
+        return replace(self, labels=tuple(replace(s, threshold=threshold) for s in self.labels))
 
     def digest(self) -> str:
         payload = {

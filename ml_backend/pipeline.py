@@ -22,6 +22,14 @@ def _short(model_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name)
 
 
+def model_refs(settings: Settings, prompts: PromptsFile) -> tuple[str, str | None]:
+    """(detector, segmenter or None): flags/env first, then the prompts file's `detector`/`segmenter`, then defaults."""
+    fields = settings.model_fields_set
+    detector = settings.detector if "detector" in fields or not prompts.detector else prompts.detector
+    segmenter = settings.segmenter if "segmenter" in fields or not prompts.segmenter else prompts.segmenter
+    return detector, segmenter or None
+
+
 class Pipeline:
     def __init__(self, detector: Detector, segmenter: Segmenter | None, prompts: PromptsFile, settings: Settings):
         self.detector = detector
@@ -31,11 +39,9 @@ class Pipeline:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Pipeline:
-        """Load models once: flags/env first, then the prompts file's `detector`/`segmenter`, then defaults."""
+        """Load models once (see `model_refs` for which)."""
         prompts = PromptsFile.load(settings.prompts)
-        fields = settings.model_fields_set
-        detector_ref = settings.detector if "detector" in fields or not prompts.detector else prompts.detector
-        segmenter_ref = settings.segmenter if "segmenter" in fields or not prompts.segmenter else prompts.segmenter
+        detector_ref, segmenter_ref = model_refs(settings, prompts)
         device = pick_device(settings.device)
         detector = build_detector(detector_ref, settings.model_dir, device, settings.batch_size)
         segmenter = (
@@ -74,12 +80,23 @@ class Pipeline:
     def segment_interactive(
         self, image: np.ndarray, points: np.ndarray | None, point_labels: np.ndarray | None, box: np.ndarray | None
     ) -> tuple[np.ndarray, float]:
-        masks, scores = self.require_segmenter().segment(
-            image, boxes=None if box is None else box[None], points=points, point_labels=point_labels
-        )
-        return masks[0], float(scores[0])
+        return segment_interactive(self.require_segmenter(), image, points, point_labels, box)
 
     def require_segmenter(self) -> Segmenter:
         if self.segmenter is None:
             raise ConfigError("masks were asked for, but the server runs without a segmenter (--segmenter)")
         return self.segmenter
+
+
+def segment_interactive(
+    segmenter: Segmenter,
+    image: np.ndarray,
+    points: np.ndarray | None,
+    point_labels: np.ndarray | None,
+    box: np.ndarray | None,
+) -> tuple[np.ndarray, float]:
+    """Clicks (1 positive, 0 negative) and/or one xyxy box -> one full-size boolean mask and its score."""
+    masks, scores = segmenter.segment(
+        image, boxes=None if box is None else np.asarray(box)[None], points=points, point_labels=point_labels
+    )
+    return masks[0], float(np.clip(scores[0], 0, 1))  # SAM's predicted IoU can stray just outside [0, 1]

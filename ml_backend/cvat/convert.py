@@ -16,9 +16,17 @@ def rectangle_points(xyxy) -> list[float]:
     return [round(float(v), 2) for v in xyxy]
 
 
-def mask_points(mask: np.ndarray) -> list[float]:
-    """CVAT mask encoding of a full-size boolean mask (tight box around its pixels)."""
-    return encode_mask(mask.astype(bool))
+def mask_points(mask: np.ndarray, xyxy=None) -> list[float]:
+    """CVAT mask encoding of a full-size boolean mask (tight box around its pixels). An empty mask with a box
+    becomes that box filled: the detection is kept, not turned into nothing."""
+    mask = mask.astype(bool)
+    if xyxy is not None and not mask.any():
+        h, w = mask.shape
+        x1, y1 = (max(0, int(v)) for v in xyxy[:2])
+        x2, y2 = min(w, max(x1 + 1, int(np.ceil(xyxy[2])))), min(h, max(y1 + 1, int(np.ceil(xyxy[3]))))
+        mask = mask.copy()
+        mask[y1:y2, x1:x2] = True
+    return encode_mask(mask)
 
 
 def points_to_mask(points: list[float], width: int, height: int) -> np.ndarray:
@@ -31,6 +39,12 @@ def polygon_points(mask: np.ndarray) -> list[float]:
     if not polygons:
         return []
     return [float(v) for v in max(polygons, key=len).reshape(-1)]
+
+
+def outline_points(mask: np.ndarray, xyxy) -> list[float]:
+    """A polygon for a mask; a speck with no outline of 3 points gets its box corners: nothing is dropped."""
+    x1, y1, x2, y2 = rectangle_points(xyxy)
+    return polygon_points(mask) or [x1, y1, x2, y1, x2, y2, x1, y2]
 
 
 def match_labels(names: list[str], cvat_labels: list[str]) -> dict[str, str]:
@@ -62,10 +76,9 @@ def detections_to_shapes(detections: sv.Detections, shape_type: str = "rectangle
         if shape_type == "rectangle":
             shape["points"] = rectangle_points(detections.xyxy[i])
         elif shape_type == "mask":
-            shape["mask"] = mask_points(detections.mask[i])
+            shape["mask"] = mask_points(detections.mask[i], detections.xyxy[i])
             shape["points"] = polygon_points(detections.mask[i])
-        else:  # a speck of a mask has no outline of 3 points: its box corners stand in, nothing is dropped
-            x1, y1, x2, y2 = rectangle_points(detections.xyxy[i])
-            shape["points"] = polygon_points(detections.mask[i]) or [x1, y1, x2, y1, x2, y2, x1, y2]
+        else:
+            shape["points"] = outline_points(detections.mask[i], detections.xyxy[i])
         shapes.append(shape)
     return shapes

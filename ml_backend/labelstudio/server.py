@@ -15,7 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from ..errors import PrelabelError
+from ..errors import PrelabelError, describe_validation
 from ..images import ImageLoader
 from ..metrics import Metrics
 from ..pipeline import Pipeline
@@ -88,7 +88,7 @@ def create_app(pipeline: Pipeline, loader: ImageLoader | None = None, store: Eve
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
         metrics.error("request")
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = describe_validation(exc.errors())
         return JSONResponse(error_body("request", f"malformed request: {problems}"), status_code=422)
 
     @app.exception_handler(Exception)

@@ -96,6 +96,9 @@ class HfSamSegmenter:
     def cache_info(self) -> dict:
         return self.cache.info()
 
+    def prepare(self, image: np.ndarray) -> None:
+        self.cache.get_or_compute(image_key(image), lambda: self._encode(image))
+
     @torch.inference_mode()
     def _encode(self, image: np.ndarray):
         inputs = self.processor(images=image, return_tensors="pt")

@@ -1,0 +1,192 @@
+"""CVAT serverless (nuclio) functions over the core. The `cvat_nuclio/*/main.py` shells only call this.
+
+CVAT's lambda manager sends a detector `{"image": base64, "threshold": float}` and answers with a list of shapes; an
+interactor `{"image", "pos_points": [[x, y]], "neg_points", "obj_bbox": [[x1, y1], [x2, y2]] | null}` and answers
+with `{"mask": full-size 0/1 rows, "points": [[x, y], ...]}`. Every bad body gets status 400 and
+`{"error": {"kind", "message"}}` naming the problem; the function keeps serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import ConfigError, ImageError, PrelabelError, RequestError, describe_validation
+from ..images import decode_image
+from ..models import Segmenter, build_segmenter, pick_device
+from ..ontology import Ontology, PromptsFile
+from ..pipeline import Pipeline, model_refs, segment_interactive
+from ..settings import Settings
+from .convert import SHAPE_TYPES, detections_to_shapes, match_labels, polygon_points
+
+log = logging.getLogger(__name__)
+
+SHAPE_ENV = "PRELABEL_CVAT_SHAPE"  # rectangle | mask | polygon: what the detector returns for every label
+PROMPTS_FILE = "prompts.yaml"  # beside main.py in the function's folder (copied there by `prelabel cvat spec`)
+
+Point = tuple[float, float]
+
+
+class DetectBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    image: str
+    threshold: float | None = Field(None, ge=0, le=1)
+    labels: list[str] | None = None  # optional: only these of the function's labels
+
+
+class InteractBody(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    image: str
+    pos_points: list[Point] = Field(default_factory=list)
+    neg_points: list[Point] = Field(default_factory=list)
+    obj_bbox: tuple[Point, Point] | None = None
+
+
+def _parse(model: type[BaseModel], body: Any) -> Any:
+    if isinstance(body, (bytes, bytearray, str)):
+        try:
+            body = json.loads(body or b"null")
+        except ValueError as exc:
+            raise RequestError(f"the request body is not JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise RequestError(f"malformed request: {describe_validation(exc.errors())}") from None
+
+
+def decode_base64_image(text: str, max_pixels: int) -> np.ndarray:
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise RequestError(f"'image' is not valid base64 ({exc})") from None
+    return decode_image(data, "in the request's 'image'", max_pixels).array
+
+
+def _settings(function_dir: Path | None, **overrides) -> Settings:
+    """Environment first; the function folder's prompts.yaml when PRELABEL_PROMPTS is not set."""
+    settings = Settings(**overrides)
+    if settings.prompts is None and function_dir is not None and (function_dir / PROMPTS_FILE).exists():
+        settings = Settings(prompts=function_dir / PROMPTS_FILE, **overrides)
+    return settings
+
+
+class DetectorFunction:
+    """Grounding DINO boxes (and SAM masks for `mask`/`polygon`) for the labels of the prompts file."""
+
+    def __init__(self, pipeline: Pipeline, shape: str = "rectangle"):
+        if shape not in SHAPE_TYPES:
+            raise ConfigError(f"{SHAPE_ENV}={shape!r} is not one of {SHAPE_TYPES}")
+        if shape != "rectangle":
+            pipeline.require_segmenter()
+        self.pipeline, self.shape = pipeline, shape
+        self.ontology = pipeline.ontology()
+        if not self.ontology.labels:
+            raise ConfigError(f"the detector has no labels: give it a prompts file ({PROMPTS_FILE} or PRELABEL_PROMPTS)")
+
+    @classmethod
+    def from_env(cls, function_dir: Path | None = None) -> DetectorFunction:
+        shape = os.environ.get(SHAPE_ENV, "rectangle")
+        overrides = {"segmenter": ""} if shape == "rectangle" else {}  # boxes only: do not load SAM
+        return cls(Pipeline.from_settings(_settings(function_dir, **overrides)), shape)
+
+    def label_spec(self) -> list[dict]:
+        return label_spec(self.ontology, self.shape)
+
+    def __call__(self, body: Any) -> list[dict]:
+        req = _parse(DetectBody, body)
+        ontology = self._ontology(req.labels, req.threshold)
+        image = decode_base64_image(req.image, self.pipeline.settings.max_image_pixels)
+        detections = self.pipeline.detect([image], ontology, masks=self.shape != "rectangle")[0]
+        return detections_to_shapes(detections, self.shape)
+
+    def _ontology(self, labels: list[str] | None, threshold: float | None) -> Ontology:
+        ontology = self.ontology
+        if labels is not None:
+            try:
+                wanted = set(match_labels(labels, ontology.names).values())
+            except ConfigError as exc:
+                raise RequestError(f"unknown label: {exc}; this function detects {ontology.names}") from None
+            ontology = replace(ontology, labels=tuple(s for s in ontology.labels if s.name in wanted))
+        return ontology if threshold is None else ontology.with_threshold(threshold)
+
+
+class InteractorFunction:
+    """SAM: positive/negative clicks and/or a box -> one mask; image embeddings are cached across clicks."""
+
+    def __init__(self, segmenter: Segmenter, max_image_pixels: int):
+        self.segmenter, self.max_image_pixels = segmenter, max_image_pixels
+
+    @classmethod
+    def from_env(cls, function_dir: Path | None = None) -> InteractorFunction:
+        settings = _settings(function_dir)
+        ref = model_refs(settings, PromptsFile.load(settings.prompts))[1]
+        if not ref:
+            raise ConfigError("the interactor needs a segmenter (PRELABEL_SEGMENTER)")
+        device = pick_device(settings.device)
+        segmenter = build_segmenter(ref, settings.model_dir, device, settings.embedding_cache_size)
+        return cls(segmenter, settings.max_image_pixels)
+
+    def __call__(self, body: Any) -> dict:
+        req = _parse(InteractBody, body)
+        if not req.pos_points and req.obj_bbox is None:
+            raise RequestError("nothing to segment: give at least one positive point (pos_points) or a box (obj_bbox)")
+        image = decode_base64_image(req.image, self.max_image_pixels)
+        h, w = image.shape[:2]
+        for field in ("pos_points", "neg_points", "obj_bbox"):
+            for i, (x, y) in enumerate(getattr(req, field) or ()):
+                if not (0 <= x <= w and 0 <= y <= h):
+                    raise RequestError(f"{field}[{i}] = ({x:g}, {y:g}) lies outside the {w}x{h} image")
+        clicks = [(p, 1) for p in req.pos_points] + [(p, 0) for p in req.neg_points]
+        points = np.array([p for p, _ in clicks], np.float32) if clicks else None
+        labels = np.array([label for _, label in clicks]) if clicks else None
+        box = None
+        if req.obj_bbox is not None:
+            (x1, y1), (x2, y2) = req.obj_bbox
+            box = np.array([min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)], np.float32)
+        mask, score = segment_interactive(self.segmenter, image, points, labels, box)
+        flat = polygon_points(mask)
+        return {
+            "mask": mask.astype(np.uint8).tolist(),
+            "points": [[round(x), round(y)] for x, y in zip(flat[0::2], flat[1::2])],
+            "confidence": f"{score:.4f}",
+        }
+
+
+def label_spec(ontology: Ontology, shape: str = "rectangle") -> list[dict]:
+    """The detector's `metadata.annotations.spec` in function.yaml: CVAT matches these names to task labels."""
+    return [{"id": i, "name": spec.name, "type": shape} for i, spec in enumerate(ontology.labels)]
+
+
+def respond(context, function: Callable[[Any], Any], event) -> Any:
+    """Run `function` on the event body and wrap the result (or the error) in a nuclio Response."""
+    started = time.perf_counter()
+    try:
+        result, status = function(event.body), 200
+    except PrelabelError as exc:
+        status = 400 if isinstance(exc, (RequestError, ImageError)) else exc.status
+        result = {"error": {"kind": exc.kind, "message": str(exc)}}
+        context.logger.warn(f"{status}: {exc}")
+    except Exception as exc:  # noqa: BLE001 - one bad call must not take the function down
+        log.exception("function failed")
+        status, result = 500, {"error": {"kind": "internal", "message": f"{type(exc).__name__}: {exc}"}}
+        context.logger.error(f"500: {type(exc).__name__}: {exc}")
+    else:
+        count = len(result) if isinstance(result, list) else 1
+        context.logger.info(f"{count} result(s) in {time.perf_counter() - started:.2f} s")
+    return context.Response(
+        body=json.dumps(result), headers={}, content_type="application/json", status_code=status
+    )
