@@ -20,12 +20,16 @@ import supervision as sv
 from .ontology import Ontology
 
 
+def margin_uncertainties(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    return 1 - np.abs(scores - thresholds) / np.maximum(thresholds, 1 - thresholds)
+
+
 def box_uncertainties(detections: sv.Detections, ontology: Ontology) -> np.ndarray:
     if len(detections) == 0:
         return np.zeros(0)
     scores = detections.confidence.astype(float)
     thresholds = np.array([ontology.labels[i].threshold for i in detections.class_id], float)
-    margin = 1 - np.abs(scores - thresholds) / np.maximum(thresholds, 1 - thresholds)
+    margin = margin_uncertainties(scores, thresholds)
     safe = np.maximum(scores, 1e-6)
     confusion = np.asarray(detections.data.get("runner_up", np.zeros(len(scores))), float) / safe
     disagreement = np.asarray(detections.data.get("synonym_spread", np.zeros(len(scores))), float) / safe
@@ -43,6 +47,12 @@ def near_miss_uncertainties(detections: sv.Detections, ontology: Ontology) -> np
 
 def image_uncertainty(detections: sv.Detections, ontology: Ontology) -> float:
     u = np.concatenate([box_uncertainties(detections, ontology), near_miss_uncertainties(detections, ontology)])
+    return float(1 - np.prod(1 - u)) if u.size else 0.0
+
+
+def uncertainty_from_scores(scores: np.ndarray, thresholds: np.ndarray) -> float:
+    """The image uncertainty from box confidences alone (margin signal only): for predictions made elsewhere."""
+    u = np.clip(margin_uncertainties(scores, thresholds), 0, 1)
     return float(1 - np.prod(1 - u)) if u.size else 0.0
 
 

@@ -23,11 +23,13 @@ import uvicorn
 from PIL import Image
 
 from ml_backend.labelstudio.server import create_app
+from ml_backend.labelstudio.stack import Credentials, LabelStudioProcess
 from ml_backend.models.tiny import write_tiny_models
 from ml_backend.ontology import PromptsFile
 from ml_backend.pipeline import Pipeline
 from ml_backend.settings import Settings
 
+USER, PASSWORD = "prelabel@example.com", "prelabel-test-pass"
 LEGACY_TOKEN = "0123456789abcdef0123456789abcdef01234567"
 PAT = "eyJhbGciOiJIUzI1NiJ9.eyJ0b2tlbl90eXBlIjoicmVmcmVzaCJ9.c2lnbmF0dXJl"
 ACCESS = "eyJhbGciOiJIUzI1NiJ9." + base64.urlsafe_b64encode(b'{"exp": 4102444800}').decode().rstrip("=") + ".c2ln"
@@ -173,6 +175,19 @@ def ls_host(image_dir):
     host.thread.start()
     yield host
     host.server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory, image_dir):
+    """A real Label Studio on loopback (the same launcher `prelabel up` uses), serving local files below
+    `image_dir`; stopped afterwards. Yields its URL; the legacy token LEGACY_TOKEN is valid."""
+    pytest.importorskip("label_studio", reason="Label Studio is installed by the project's test extra")
+    studio = LabelStudioProcess(tmp_path_factory.mktemp("label-studio"), free_port(), image_dir, Credentials(USER, PASSWORD, LEGACY_TOKEN))
+    try:
+        studio.wait_ready(timeout=240)
+        yield studio.url
+    finally:
+        studio.stop()
 
 
 @pytest.fixture(scope="session")

@@ -9,9 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ml_backend.labelstudio.stack import Credentials, LabelStudioProcess
-
-from .conftest import LEGACY_TOKEN, free_port
+from .conftest import LEGACY_TOKEN, PASSWORD, USER
 
 pytest.importorskip("label_studio", reason="Label Studio is installed by the project's test extra")
 from label_studio_sdk.client import LabelStudio  # noqa: E402
@@ -23,18 +21,6 @@ CONFIG = """<View>
   <BrushLabels name="brush" toName="image"><Label value="Car"/><Label value="Person"/></BrushLabels>
   <KeyPointLabels name="kp" toName="image" smart="true"><Label value="Car"/><Label value="Person"/></KeyPointLabels>
 </View>"""
-USER, PASSWORD = "prelabel@example.com", "prelabel-test-pass"
-
-
-@pytest.fixture(scope="session")
-def label_studio(tmp_path_factory, image_dir):
-    """A real Label Studio on loopback (the same launcher `prelabel up` uses), stopped afterwards."""
-    studio = LabelStudioProcess(tmp_path_factory.mktemp("label-studio"), free_port(), image_dir, Credentials(USER, PASSWORD, LEGACY_TOKEN))
-    try:
-        studio.wait_ready(timeout=240)
-        yield studio.url
-    finally:
-        studio.stop()
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 import supervision as sv
@@ -72,8 +73,17 @@ def task_error(task_id, exc: PrelabelError) -> dict:
     return {"task": task_id, "error": {"kind": exc.kind, "message": f"{where}: {exc}"}}
 
 
+@dataclass
+class LoadedTasks:
+    """Tasks with their images fetched: `entries[i]` holds task i's error if it already failed."""
+
+    tasks: list
+    entries: list[dict | None]
+    images: list[tuple[int, str, LoadedImage]]  # (task index, data key, image)
+
+
 class LabelStudioBackend:
-    def __init__(self, pipeline: Pipeline, loader: ImageLoader, store: EventStore, metrics: Metrics):
+    def __init__(self, pipeline: Pipeline, loader: ImageLoader, store: EventStore | None, metrics: Metrics):
         self.pipeline = pipeline
         self.loader = loader
         self.store = store
@@ -82,6 +92,11 @@ class LabelStudioBackend:
         self.configs: dict[int | None, str] = {}
         self.versions: dict[int | None, str] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def for_batch(cls, pipeline: Pipeline) -> LabelStudioBackend:
+        """For batch runs outside the server (`prelabel annotate`, Ray actors): no webhook store."""
+        return cls(pipeline, ImageLoader(pipeline.settings), None, Metrics())
 
     # -- /setup, /versions --------------------------------------------------------------------------------------
     def setup(self, req: SetupRequest) -> dict:
@@ -92,7 +107,7 @@ class LabelStudioBackend:
         version = self.pipeline.model_version(self.pipeline.ontology())
         if req.label_config:
             config = parse_config(req.label_config)
-            version = self.pipeline.model_version(self._ontology(config))
+            version = self.pipeline.model_version(self.ontology_for(config))
             with self._lock:
                 self.configs[pid] = req.label_config
         with self._lock:
@@ -104,7 +119,7 @@ class LabelStudioBackend:
             versions = set(self.versions.values())
         return {"versions": sorted(versions) or [self.pipeline.model_version(self.pipeline.ontology())]}
 
-    def _ontology(self, config: ProjectConfig) -> Ontology:
+    def ontology_for(self, config: ProjectConfig) -> Ontology:
         return config.ontology(self.pipeline.prompts, self.settings.max_detections)
 
     # -- /predict -----------------------------------------------------------------------------------------------
@@ -117,7 +132,7 @@ class LabelStudioBackend:
         if not xml:
             raise RequestError("no label_config in the request, and no /setup has given one for this project")
         config = parse_config(xml)
-        ontology = self._ontology(config)
+        ontology = self.ontology_for(config)
         version = self.pipeline.model_version(ontology)
         context = (req.params or {}).get("context")
         if isinstance(context, dict) and context.get("result"):
@@ -132,6 +147,10 @@ class LabelStudioBackend:
         return {"results": self.predict_tasks(req.tasks, config, ontology, version)}
 
     def predict_tasks(self, tasks: list, config: ProjectConfig, ontology: Ontology, version: str) -> list[dict]:
+        return self.infer(self.load_tasks(tasks, config), config, ontology, version)
+
+    def load_tasks(self, tasks: list, config: ProjectConfig) -> LoadedTasks:
+        """Check each task and fetch its images concurrently; a task that fails keeps its error in place."""
         entries: list[dict | None] = [None] * len(tasks)
         units: list[tuple[int, str]] = []  # (task index, data key): one image each
         refs: list[tuple[str, int | None]] = []
@@ -150,12 +169,28 @@ class LabelStudioBackend:
         for (i, _), img in zip(units, loaded):
             if not isinstance(img, LoadedImage) and entries[i] is None:
                 entries[i] = task_error(tasks[i].get("id"), img)
-        good = [(u, img) for u, img in zip(units, loaded) if entries[u[0]] is None]
-        self.metrics.batch(len(good))
-        detections = self.pipeline.detect([img.array for _, img in good], ontology)
-        for ((i, key), img), det in zip(good, detections):
+        images = [(i, key, img) for (i, key), img in zip(units, loaded) if entries[i] is None]
+        return LoadedTasks(tasks, entries, images)
+
+    def infer(
+        self,
+        batch: LoadedTasks,
+        config: ProjectConfig,
+        ontology: Ontology,
+        version: str,
+        on_image: Callable[[int, str, LoadedImage, sv.Detections], None] | None = None,
+    ) -> list[dict]:
+        """One batched detector pass over the loaded images, masks and Label Studio results one image at a time.
+        `on_image(task index, data key, image, detections)` sees each image's detections (masks included)
+        before they are dropped. Exactly one entry per task: a prediction or `{"task", "error"}`."""
+        tasks, entries = batch.tasks, list(batch.entries)
+        self.metrics.batch(len(batch.images))
+        detections = self.pipeline.detect([img.array for _, _, img in batch.images], ontology)
+        for (i, key, img), det in zip(batch.images, detections):
             if config.needs_masks:  # one image's full-size masks at a time, converted and dropped
                 self.pipeline.add_masks(img.array, det)
+            if on_image is not None:
+                on_image(i, key, img, det)
             controls = [c for c in config.controls if c.data_key == key]
             entry = entries[i] or {"result": [], "score": 1.0, "model_version": version}
             entry["result"] += detections_to_results(det, controls, img.width, img.height)

@@ -1,0 +1,287 @@
+"""Whole-project pre-annotation and ranking against Label Studio's API, and folder mode (Label Studio import JSON +
+COCO for images not yet in any tool).
+
+Resumable by construction: the source of truth is Label Studio itself. Tasks already holding a prediction of the
+current model version are skipped, and predictions are pushed in bulk after each batch, so a run stopped anywhere
+is finished by running the same command again, with no duplicate and no gap. Folder mode keeps the same promise with
+a JSON-lines journal in the output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+from urllib.parse import quote
+
+import numpy as np
+
+from .. import coco
+from ..active import uncertainty_from_scores
+from ..errors import ConfigError, PrelabelError
+from ..images import LoadedImage
+from ..runner import Report, chunks, run_batches
+from .backend import LabelStudioBackend
+from .config import parse_config
+from .stack import label_config
+
+log = logging.getLogger(__name__)
+
+TASK_FIELDS = "id,data,predictions_model_versions,total_annotations"
+PAGE_SIZE = 500
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class ProjectError(PrelabelError):
+    kind = "project"
+
+
+def open_project(client, project_id: int):
+    from label_studio_sdk.core.api_error import ApiError
+
+    try:
+        return client.projects.get(id=project_id)
+    except ApiError as exc:
+        if exc.status_code == 404:
+            raise ProjectError(f"Label Studio has no project {project_id} (or this API key cannot see it)") from None
+        if exc.status_code == 401:
+            raise ProjectError(f"Label Studio refused the API key ({exc.body})") from None
+        raise
+
+
+def pending_tasks(client, project_id: int, version: str, only_unlabeled: bool, limit: int | None) -> tuple[list[dict], dict]:
+    """Tasks (id, data) without a prediction of `version` (and, with `only_unlabeled`, without annotations)."""
+    todo, skipped = [], {"already predicted": 0, "labeled": 0}
+    for task in client.tasks.list(project=project_id, fields="all", include=TASK_FIELDS, page_size=PAGE_SIZE):
+        if version in (task.predictions_model_versions or "").split(","):
+            skipped["already predicted"] += 1
+        elif only_unlabeled and task.total_annotations:
+            skipped["labeled"] += 1
+        else:
+            todo.append({"id": task.id, "data": task.data})
+            if limit and len(todo) >= limit:
+                break
+    return todo, skipped
+
+
+def push_predictions(client, project_id: int, tasks: list[dict], entries: list[dict], version: str) -> None:
+    """One bulk request per batch; failed tasks push nothing (the next run retries them)."""
+    predictions = [
+        {"task": task["id"], "result": entry["result"], "score": entry["score"], "model_version": version}
+        for task, entry in zip(tasks, entries)
+        if "error" not in entry
+    ]
+    if predictions:
+        client.projects.import_predictions(id=project_id, request=predictions)
+
+
+def annotate_project(
+    client,
+    project_id: int,
+    backend: LabelStudioBackend,
+    batch_size: int = 4,
+    only_unlabeled: bool = False,
+    limit: int | None = None,
+    engine: Callable | None = None,
+) -> Report:
+    """Pre-annotate every pending task of a project. `engine(todo, config_xml, sink, report)` runs the batches
+    elsewhere (Ray); by default they run here, images of the next batches fetched while the model runs."""
+    project = open_project(client, project_id)
+    config = parse_config(project.label_config)
+    ontology = backend.ontology_for(config)
+    version = backend.pipeline.model_version(ontology)
+    # the Data Manager shows, and sorts by the score of, the predictions of the project's model version
+    client.projects.update(id=project_id, model_version=version)
+    todo, skipped = pending_tasks(client, project_id, version, only_unlabeled, limit)
+    report = Report(total=len(todo), skipped=skipped, model_version=version)
+    log.info("project %s: %d tasks to pre-annotate with %s (%s)", project_id, len(todo), version,
+             ", ".join(f"{n} {why}" for why, n in skipped.items()))
+
+    def sink(tasks: list[dict], entries: list[dict]) -> None:
+        push_predictions(client, project_id, tasks, entries, version)
+
+    if engine is not None:
+        return engine(todo, project.label_config, sink, report)
+    return run_batches(
+        chunks(todo, batch_size),
+        load=lambda tasks: backend.load_tasks(tasks, config),
+        infer=lambda loaded: backend.infer(loaded, config, ontology, version),
+        sink=sink,
+        report=report,
+    )
+
+
+# -- folder mode -------------------------------------------------------------------------------------------------
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def local_files_ref(path: Path, document_root: Path) -> str:
+    """How Label Studio's local-files storage addresses a file below its document root."""
+    return "/data/local-files/?d=" + quote(path.relative_to(document_root).as_posix())
+
+
+@dataclass
+class FolderOutput:
+    tasks: Path  # Label Studio import JSON: tasks with predictions
+    coco: Path
+    label_config: Path
+    journal: Path  # one line per finished image: what a rerun skips
+
+
+def folder_output(out_dir: Path) -> FolderOutput:
+    return FolderOutput(out_dir / "tasks.json", out_dir / "coco.json", out_dir / "label_config.xml",
+                        out_dir / "predictions.jsonl")
+
+
+def _read_journal(path: Path, version: str) -> dict[str, dict]:
+    done: dict[str, dict] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut by a crash: that image is simply done again
+                continue
+            if record.get("model_version") == version:
+                done[record["file"]] = record
+    return done
+
+
+def annotate_folder(
+    folder: Path,
+    out_dir: Path,
+    backend: LabelStudioBackend,
+    batch_size: int = 4,
+    limit: int | None = None,
+    url_prefix: str | None = None,
+) -> Report:
+    """Pre-annotate the images below `folder` into `out_dir`: `tasks.json` (import it into a project whose config
+    is `label_config.xml`; images addressed as local-files storage below LOCAL_FILES_DOCUMENT_ROOT, or as
+    `url_prefix` + relative path) and `coco.json`."""
+    root = backend.settings.local_files_document_root
+    if root is None:
+        raise ConfigError("folder mode reads images as local files: set LOCAL_FILES_DOCUMENT_ROOT (a parent of the folder)")
+    folder, root = folder.resolve(), Path(root).resolve()
+    if not folder.is_relative_to(root) or folder == root:
+        raise ConfigError(f"{folder} is not strictly below LOCAL_FILES_DOCUMENT_ROOT {root} (as Label Studio requires)")
+    out = folder_output(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    xml = label_config(backend.pipeline.ontology(), masks=backend.pipeline.segmenter is not None)
+    out.label_config.write_text(xml + "\n")
+    config = parse_config(xml)
+    ontology = backend.ontology_for(config)
+    version = backend.pipeline.model_version(ontology)
+    files = image_files(folder)
+    if not files:
+        raise ConfigError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    done = _read_journal(out.journal, version)
+    todo = [{"id": i, "data": {"image": local_files_ref(p, root)}} for i, p in enumerate(files)
+            if p.relative_to(root).as_posix() not in done]
+    todo = todo[:limit] if limit else todo
+    report = Report(total=len(todo), skipped={"already predicted": len(done)}, model_version=version)
+    annotations: dict[int, tuple[int, int, list[dict]]] = {}
+
+    def on_image(i: int, key: str, image: LoadedImage, detections) -> None:
+        annotations[i] = (image.width, image.height, coco.annotations(detections, 0, ontology.names))
+
+    def infer(loaded):
+        annotations.clear()
+        return backend.infer(loaded, config, ontology, version, on_image=on_image)
+
+    with out.journal.open("a") as journal:
+
+        def sink(tasks: list[dict], entries: list[dict]) -> None:
+            for i, (task, entry) in enumerate(zip(tasks, entries)):
+                if "error" in entry:
+                    continue
+                width, height, anns = annotations[i]
+                rel = files[task["id"]].relative_to(root).as_posix()
+                journal.write(json.dumps({"file": rel, "model_version": version, "width": width, "height": height,
+                                          "prediction": entry, "coco": anns}) + "\n")
+            journal.flush()
+
+        run_batches(chunks(todo, batch_size), lambda tasks: backend.load_tasks(tasks, config), infer, sink, report)
+    _assemble(out, _read_journal(out.journal, version), files, root, ontology.names, url_prefix)
+    report.outputs = {k: str(v) for k, v in vars(out).items()}
+    return report
+
+
+def _assemble(out: FolderOutput, records: dict[str, dict], files: list[Path], root: Path, names: list[str],
+              url_prefix: str | None) -> None:
+    tasks, images, anns = [], [], []
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        record = records.get(rel)
+        if record is None:
+            continue
+        ref = url_prefix.rstrip("/") + "/" + quote(rel) if url_prefix else local_files_ref(path, root)
+        tasks.append({"data": {"image": ref}, "predictions": [record["prediction"]]})
+        image_id = len(images) + 1
+        images.append({"id": image_id, "file_name": rel, "width": record["width"], "height": record["height"]})
+        anns += [a | {"image_id": image_id} for a in record["coco"]]
+    out.tasks.write_text(json.dumps(tasks))
+    out.coco.write_text(json.dumps(coco.document(images, anns, names)))
+
+
+# -- ranking -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ranked:
+    task: int
+    prediction: int
+    uncertainty: float
+    boxes: int
+    url: str
+
+
+def rank_project(client, project_id: int, base_url: str, model_version: str | None = None,
+                 thresholds: dict[str, float] | None = None, default_threshold: float = 0.35) -> tuple[str, list[Ranked]]:
+    """Order a project's tasks hardest-first by the uncertainty of their predictions of `model_version` (default:
+    the project's, else the newest present). A prediction's `score` is `1 - uncertainty` when prelabel made it;
+    predictions without a score get one from their regions' confidences (see `active.py`), written back. The project's
+    model version is set, so that the Data Manager's "prediction score" column sorts by it."""
+    project = open_project(client, project_id)
+    newest: dict[int, dict[str, dict]] = {}  # task -> model version -> its newest prediction
+    for task in client.tasks.list(project=project_id, fields="all", include="id,predictions", page_size=PAGE_SIZE):
+        for p in task.predictions or []:
+            p = p if isinstance(p, dict) else p.model_dump()
+            by_version = newest.setdefault(task.id, {})
+            v = p.get("model_version") or ""
+            if v not in by_version or p["id"] > by_version[v]["id"]:
+                by_version[v] = p
+    versions = {v: p["id"] for by_version in newest.values() for v, p in by_version.items()}
+    if not versions:
+        raise ProjectError(f"project {project_id} has no predictions to rank: run prelabel annotate first")
+    version = model_version or (project.model_version if project.model_version in versions else None)
+    version = version or max(versions, key=versions.get)
+    if version not in versions:
+        raise ProjectError(f"project {project_id} has no predictions of model version {version!r}; it has {sorted(versions)}")
+    thresholds = thresholds or {}
+    ranked = []
+    for task_id, by_version in newest.items():
+        p = by_version.get(version)
+        if p is None:
+            continue
+        result = p.get("result") or []
+        boxes = [r for r in result if r.get("type") == "rectanglelabels"]
+        if p.get("score") is None:  # made elsewhere: the confidence margin of its regions to their thresholds
+            scored = [r for r in (boxes or result) if isinstance(r.get("score"), (int, float))]
+            labels = [next((v[0] for k, v in r["value"].items() if k.endswith("labels") and v), None) for r in scored]
+            uncertainty = uncertainty_from_scores(
+                np.array([r["score"] for r in scored], float),
+                np.array([thresholds.get(label, default_threshold) for label in labels], float),
+            )
+            client.predictions.update(id=p["id"], score=round(1 - uncertainty, 6))
+        else:
+            uncertainty = 1 - float(p["score"])
+        ranked.append(Ranked(task_id, p["id"], round(uncertainty, 6), len(boxes),
+                             f"{base_url.rstrip('/')}/projects/{project_id}/data?task={task_id}"))
+    if project.model_version != version:
+        client.projects.update(id=project_id, model_version=version)
+    ranked.sort(key=lambda r: (-r.uncertainty, r.task))
+    return version, ranked
