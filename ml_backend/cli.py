@@ -103,8 +103,9 @@ def up(
 
     from .labelstudio.server import create_app
     from .labelstudio.stack import (
-        BackendThread, Credentials, LabelStudioProcess, StackError, ensure_project, label_config, preannotate,
+        BackendThread, Credentials, LabelStudioProcess, StackError, ensure_project, label_config,
     )
+    from .labelstudio.annotate import annotate_project
     from .ontology import PromptsFile
     from .pipeline import Pipeline
 
@@ -141,13 +142,15 @@ def up(
         client = LabelStudio(base_url=studio.url, api_key=creds.token)
         config = label_config(pipeline.ontology(), masks=pipeline.segmenter is not None)
         project_id, _ = ensure_project(client, f"prelabel: {images.name}", config, images, backend.url)
-        report = preannotate(client, project_id, backend.server.config.app.state.backend, config, pipeline.settings.batch_size)
-        for error in report["errors"]:
+        report = annotate_project(client, project_id, backend.server.config.app.state.backend, pipeline.settings.batch_size)
+        if report.interrupted:
+            raise KeyboardInterrupt
+        for error in report.failed:
             typer.secho(error["error"]["message"], fg="yellow", err=True)
         typer.echo(
             f"ready: {studio.url}/projects/{project_id}/data  login {creds.email} / {creds.password}  "
-            f"({report['predicted']} pre-annotated, {report['skipped']} already had {report['model_version']}, "
-            f"{len(report['errors'])} failed); backend {backend.url}; Ctrl-C stops both",
+            f"({report.done} pre-annotated, {report.skipped['already predicted']} already had {report.model_version}, "
+            f"{len(report.failed)} failed); backend {backend.url}; Ctrl-C stops both",
         )
         while True:
             time.sleep(1)
@@ -164,6 +167,141 @@ def up(
             backend.stop()
         if studio is not None:
             studio.stop()
+
+
+def _label_studio_client(url: str | None, api_key: str | None):
+    from label_studio_sdk.client import LabelStudio
+
+    settings = _settings(label_studio_url=url, label_studio_api_key=api_key)
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        raise PrelabelError("give Label Studio's address and an API key: --url/--api-key or LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY")
+    return settings, LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key.get_secret_value())
+
+
+@app.command()
+def annotate(
+    folder: Optional[Path] = typer.Argument(None, help="Folder mode: images to pre-annotate into --out (no Label Studio needed)."),
+    project: Optional[int] = typer.Option(None, help="Label Studio project id: pre-annotate its tasks in place."),
+    url: Optional[str] = typer.Option(None, help="Label Studio address (LABEL_STUDIO_URL)."),
+    api_key: Optional[str] = typer.Option(None, help="Label Studio API key: legacy token or personal access token (LABEL_STUDIO_API_KEY)."),
+    out: Optional[Path] = typer.Option(None, help="Folder mode: where tasks.json, coco.json, label_config.xml go."),
+    url_prefix: Optional[str] = typer.Option(None, help="Folder mode: address images in tasks.json as PREFIX/<relative path> instead of local-files storage."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per model batch (PRELABEL_BATCH_SIZE)."),
+    only_unlabeled: bool = typer.Option(False, "--only-unlabeled", help="Skip tasks that already have annotations."),
+    limit: Optional[int] = typer.Option(None, help="Do at most N tasks in this run."),
+    report: Optional[Path] = typer.Option(None, help="Where the JSON report goes (default: MODEL_DIR/reports/, or OUT/report.json)."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompts file (prompts/*.yaml)."),
+    detector: Optional[str] = typer.Option(None, help="Detector: hub id or local directory."),
+    segmenter: Optional[str] = typer.Option(None, help="Segmenter: hub id, local directory, or 'none'."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
+    engine: str = typer.Option("local", help="local, or ray (the extra prelabel[ray])."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster: 'auto' on a cluster node, or ray://HEAD:10001 (default: a local Ray)."),
+    ray_actors: int = typer.Option(1, help="Ray: model actors (one per GPU, or per N CPUs)."),
+    cpus_per_actor: float = typer.Option(1, help="Ray: CPUs per actor (also its torch threads)."),
+    gpus_per_actor: float = typer.Option(0, help="Ray: GPUs per actor."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Pre-annotate a whole Label Studio project (--project) or a folder of images (FOLDER --out DIR): batched,
+    with progress, resumable (run it again to finish), failures reported per task. Exit status 1 if any task failed."""
+    import datetime
+
+    from label_studio_sdk.core.api_error import ApiError
+
+    from .labelstudio.annotate import annotate_folder, annotate_project, open_project
+    from .labelstudio.backend import LabelStudioBackend
+    from .labelstudio.config import parse_config
+    from .pipeline import Pipeline
+
+    _logging(verbose)
+    if (folder is None) == (project is None):
+        raise _fail(PrelabelError("give either --project ID (Label Studio) or FOLDER --out DIR (folder mode)"))
+    if engine not in ("local", "ray"):
+        raise _fail(PrelabelError(f"--engine {engine!r}: use local or ray"))
+    overrides = dict(prompts=prompts, detector=detector, device=device, segmenter=_segmenter_flag(segmenter),
+                     batch_size=batch_size)
+    try:
+        if project is not None:
+            settings, client = _label_studio_client(url, api_key)
+            if not parse_config(open_project(client, project).label_config).needs_masks:
+                overrides["segmenter"] = ""  # boxes only: SAM is not loaded
+            settings = _settings(**overrides, label_studio_url=settings.label_studio_url,
+                                 label_studio_api_key=settings.label_studio_api_key.get_secret_value())
+        else:
+            if out is None:
+                raise PrelabelError("folder mode needs --out DIR")
+            root = _settings().local_files_document_root or folder.expanduser().resolve().parent
+            settings = _settings(**overrides, local_files_document_root=root)
+        pipeline = Pipeline.from_settings(settings)
+        backend = LabelStudioBackend.for_batch(pipeline)
+        run_engine = None
+        if engine == "ray":
+            from .engines.ray_engine import ray_engine
+
+            run_engine = ray_engine(settings, ray_actors, cpus_per_actor, gpus_per_actor, ray_address, settings.batch_size)
+        if project is not None:
+            result = annotate_project(client, project, backend, settings.batch_size, only_unlabeled, limit, run_engine)
+            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+            report = report or settings.model_dir / "reports" / f"annotate-project-{project}-{stamp}.json"
+        else:
+            if run_engine is not None:
+                raise PrelabelError("--engine ray works on Label Studio projects (--project)")
+            result = annotate_folder(folder.expanduser(), out, backend, settings.batch_size, limit, url_prefix)
+            report = report or out / "report.json"
+    except PrelabelError as exc:
+        raise _fail(exc) from None
+    except ApiError as exc:
+        raise _fail(PrelabelError(f"Label Studio answered {exc.status_code}: {exc.body}")) from None
+    result.write(report)
+    for entry in result.failed:
+        typer.secho(entry["error"]["message"], fg="yellow", err=True)
+    typer.echo(f"{result.summary()}; model version {result.model_version}; report {report}")
+    for name, path in result.outputs.items():
+        if name != "journal":
+            typer.echo(f"{name}: {path}")
+    raise typer.Exit(0 if result.ok else 1)
+
+
+@app.command()
+def rank(
+    project: int = typer.Option(..., help="Label Studio project id."),
+    url: Optional[str] = typer.Option(None, help="Label Studio address (LABEL_STUDIO_URL)."),
+    api_key: Optional[str] = typer.Option(None, help="Label Studio API key (LABEL_STUDIO_API_KEY)."),
+    model_version: Optional[str] = typer.Option(None, help="Rank predictions of this version (default: the project's, else the newest)."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompts file: thresholds for predictions made without a score."),
+    top: int = typer.Option(20, help="How many of the hardest tasks to print."),
+    out: Optional[Path] = typer.Option(None, help="Write the whole order as JSON here."),
+):
+    """Order a project's tasks hardest-first by prediction uncertainty; the Data Manager then sorts by it
+    (column "Prediction score", ascending)."""
+    import json
+    from dataclasses import asdict
+
+    from label_studio_sdk.core.api_error import ApiError
+    from rich.console import Console
+    from rich.table import Table
+
+    from .labelstudio.annotate import rank_project
+    from .ontology import PromptsFile
+
+    try:
+        settings, client = _label_studio_client(url, api_key)
+        prompts_file = PromptsFile.load(prompts or settings.prompts)
+        thresholds = {s.name: s.threshold for s in prompts_file.ontology().labels}
+        version, ranked = rank_project(client, project, settings.label_studio_url, model_version, thresholds,
+                                       prompts_file.box_threshold)
+    except PrelabelError as exc:
+        raise _fail(exc) from None
+    except ApiError as exc:
+        raise _fail(PrelabelError(f"Label Studio answered {exc.status_code}: {exc.body}")) from None
+    table = Table(title=f"project {project}: {len(ranked)} tasks, hardest first ({version})")
+    for column in ("#", "task", "uncertainty", "boxes", "open"):
+        table.add_column(column)
+    for i, r in enumerate(ranked[:top], 1):
+        table.add_row(str(i), str(r.task), f"{r.uncertainty:.3f}", str(r.boxes), r.url)
+    Console(width=200).print(table)
+    if out is not None:
+        out.write_text(json.dumps({"model_version": version, "tasks": [asdict(r) for r in ranked]}, indent=2))
+        typer.echo(f"order written to {out}")
 
 
 @app.command()

@@ -66,6 +66,19 @@ def pending_tasks(client, project_id: int, version: str, only_unlabeled: bool, l
     return todo, skipped
 
 
+def select_model_version(client, project_id: int, version: str) -> bool:
+    """Make `version` the project's model version: the Data Manager shows, and sorts by the score of, that
+    version's predictions. Label Studio accepts it only once predictions of it exist."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    try:
+        client.projects.update(id=project_id, model_version=version)
+        return True
+    except ApiError as exc:
+        log.warning("could not select model version %s in project %s: %s", version, project_id, exc.body)
+        return False
+
+
 def push_predictions(client, project_id: int, tasks: list[dict], entries: list[dict], version: str) -> None:
     """One bulk request per batch; failed tasks push nothing (the next run retries them)."""
     predictions = [
@@ -92,15 +105,19 @@ def annotate_project(
     config = parse_config(project.label_config)
     ontology = backend.ontology_for(config)
     version = backend.pipeline.model_version(ontology)
-    # the Data Manager shows, and sorts by the score of, the predictions of the project's model version
-    client.projects.update(id=project_id, model_version=version)
     todo, skipped = pending_tasks(client, project_id, version, only_unlabeled, limit)
     report = Report(total=len(todo), skipped=skipped, model_version=version)
     log.info("project %s: %d tasks to pre-annotate with %s (%s)", project_id, len(todo), version,
              ", ".join(f"{n} {why}" for why, n in skipped.items()))
+    selected = project.model_version == version
+    if skipped["already predicted"] and not selected:
+        selected = select_model_version(client, project_id, version)
 
     def sink(tasks: list[dict], entries: list[dict]) -> None:
+        nonlocal selected
         push_predictions(client, project_id, tasks, entries, version)
+        if not selected and any("error" not in e for e in entries):
+            selected = select_model_version(client, project_id, version)
 
     if engine is not None:
         return engine(todo, project.label_config, sink, report)
@@ -282,6 +299,6 @@ def rank_project(client, project_id: int, base_url: str, model_version: str | No
         ranked.append(Ranked(task_id, p["id"], round(uncertainty, 6), len(boxes),
                              f"{base_url.rstrip('/')}/projects/{project_id}/data?task={task_id}"))
     if project.model_version != version:
-        client.projects.update(id=project_id, model_version=version)
+        select_model_version(client, project_id, version)
     ranked.sort(key=lambda r: (-r.uncertainty, r.task))
     return version, ranked

@@ -166,36 +166,3 @@ def ensure_project(client, title: str, config: str, images: Path, backend_url: s
     if ml is None:
         ml = client.ml.create(url=backend_url, project=project.id, is_interactive=True, title="prelabel")
     return project.id, ml.id
-
-
-def preannotate(client, project_id: int, backend, config_xml: str, batch_size: int = 4) -> dict:
-    """Predict every task that has no prediction of the current model version yet (so a rerun adds nothing twice),
-    storing predictions through the API, with a progress bar. Returns counts and per-task errors."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-    from rich.text import Text
-
-    class Rate(ProgressColumn):
-        def render(self, task) -> Text:
-            return Text(f"{task.speed or 0:.2f} img/s")
-
-    from .config import parse_config
-
-    config = parse_config(config_xml)
-    ontology = config.ontology(backend.pipeline.prompts, backend.settings.max_detections)
-    version = backend.pipeline.model_version(ontology)
-    done = {p.task for p in client.predictions.list(project=project_id) if p.model_version == version}
-    todo = [t for t in client.tasks.list(project=project_id) if t.id not in done]
-    errors: list[dict] = []
-    columns = (TextColumn("pre-annotating"), BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn())
-    with Progress(*columns, transient=False) as progress:
-        bar = progress.add_task("tasks", total=len(todo))
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            entries = backend.predict_tasks([{"id": t.id, "data": t.data} for t in chunk], config, ontology, version)
-            for task, entry in zip(chunk, entries):
-                if "error" in entry:
-                    errors.append(entry)
-                else:
-                    client.predictions.create(task=task.id, result=entry["result"], score=entry["score"], model_version=version)
-            progress.advance(bar, len(chunk))
-    return {"model_version": version, "predicted": len(todo) - len(errors), "skipped": len(done), "errors": errors}

@@ -1,0 +1,1 @@
+"""Engines that run the batches of `prelabel annotate` somewhere other than the calling process."""

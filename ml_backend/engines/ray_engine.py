@@ -1,0 +1,141 @@
+"""`prelabel annotate --engine ray`: a project's batches run on a pool of Ray actors (models loaded once per actor,
+on this machine or a Ray cluster) through Ray Data; this process pushes their results to Label Studio as they come."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Callable
+
+import numpy as np
+
+from ..errors import ConfigError, PrelabelError
+from ..labelstudio.backend import LabelStudioBackend
+from ..labelstudio.config import parse_config
+from ..pipeline import Pipeline
+from ..runner import Report, progress_bar
+from ..settings import Settings
+
+Sink = Callable[[list[dict], list[dict]], None]
+Engine = Callable[[list[dict], str, Sink, Report], Report]
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "MODEL_DIR")  # what workers need to find the same weights offline
+# Ray's console notices that would interleave with our progress bar: token-auth default, execution start/finish,
+# "progress bars disabled"
+QUIET_LOGGERS = {
+    "ray._private.authentication.authentication_token_setup": logging.ERROR,
+    "ray.data._internal.execution.streaming_executor": logging.WARNING,
+    "ray.data._internal.progress": logging.ERROR,
+}
+
+
+class RayEngineError(PrelabelError):
+    kind = "ray"
+
+
+class Predictor:
+    """One Ray actor: builds the pipeline once, then predicts batches of tasks (`id`, `data` as JSON)."""
+
+    def __init__(self, settings: Settings, config_xml: str, threads: int):
+        import torch
+
+        torch.set_num_threads(threads)
+        self.backend = LabelStudioBackend.for_batch(Pipeline.from_settings(settings))
+        self.config = parse_config(config_xml)
+        self.ontology = self.backend.ontology_for(self.config)
+        self.version = self.backend.pipeline.model_version(self.ontology)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        tasks = [{"id": int(i), "data": json.loads(d)} for i, d in zip(batch["id"], batch["data"])]
+        entries = self.backend.predict_tasks(tasks, self.config, self.ontology, self.version)
+        return {
+            "id": batch["id"],
+            "entry": np.array([json.dumps(e) for e in entries], dtype=object),
+            "version": np.array([self.version] * len(tasks), dtype=object),
+        }
+
+
+def ray_engine(
+    settings: Settings,
+    actors: int = 1,
+    cpus_per_actor: float = 1,
+    gpus_per_actor: float = 0,
+    address: str | None = None,
+    batch_size: int = 4,
+) -> Engine:
+    """An `engine(todo, config_xml, sink, report)` for `annotate_project`: `actors` Ray actors with `cpus_per_actor`
+    CPUs (torch threads) and `gpus_per_actor` GPUs each, `batch_size` tasks per call. Uses the Ray at `address`
+    (`auto`, `ray://host:10001`), else the Ray already initialised in this process, else a local one for the run."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise ConfigError("--engine ray needs Ray Data: pip install 'prelabel[ray]'") from None
+    if actors < 1 or batch_size < 1 or cpus_per_actor <= 0 or gpus_per_actor < 0:
+        raise ConfigError(f"ray engine: actors ({actors}) and batch size ({batch_size}) must be >= 1, CPUs per actor "
+                          f"({cpus_per_actor}) > 0 and GPUs per actor ({gpus_per_actor}) >= 0")
+    env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+
+    def run(todo: list[dict], config_xml: str, sink: Sink, report: Report) -> None:
+        by_id = {task["id"]: task for task in todo}
+        rows = [{"id": task["id"], "data": json.dumps(task["data"])} for task in todo]  # JSON: Arrow keeps it as is
+        results = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / batch_size)).map_batches(
+            Predictor,
+            fn_constructor_args=(settings, config_xml, max(1, int(cpus_per_actor))),
+            batch_size=batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=cpus_per_actor,
+            num_gpus=gpus_per_actor,
+            runtime_env={"env_vars": env} if env else None,
+        )
+        with progress_bar("pre-annotating (ray)") as progress:
+            bar = progress.add_task("pre-annotating", total=report.total)
+            batches = iter(results.iter_batches(batch_size=None, batch_format="numpy"))  # one block per actor call
+            try:
+                for out in batches:
+                    stray = {str(v) for v in out["version"]} - {report.model_version}
+                    if stray:  # checked before anything of theirs reaches the sink
+                        raise RayEngineError(
+                            f"a Ray worker predicts with model version {stray.pop()!r}, this run with "
+                            f"{report.model_version!r}: every worker needs the same weights and prompts")
+                    tasks = [by_id[int(i)] for i in out["id"]]
+                    entries = [json.loads(e) for e in out["entry"]]
+                    sink(tasks, entries)
+                    report.add(tasks, entries)
+                    progress.advance(bar, len(tasks))
+            finally:
+                batches.close()  # stops the execution, and the actors' work still in flight
+
+    def engine(todo: list[dict], config_xml: str, sink: Sink, report: Report) -> Report:
+        if not todo:
+            return report
+        started = time.perf_counter()
+        for name, level in QUIET_LOGGERS.items():
+            logging.getLogger(name).setLevel(level)
+        owned = not ray.is_initialized()
+        if owned:
+            quiet = dict(log_to_driver=False, logging_level=logging.WARNING)
+            if address:
+                ray.init(address=address, **quiet)
+            else:
+                ray.init(num_cpus=math.ceil(max(os.cpu_count() or 1, actors * cpus_per_actor)), include_dashboard=False, **quiet)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        try:
+            run(todo, config_xml, sink, report)
+        except KeyboardInterrupt:
+            report.interrupted = True
+        except ray.exceptions.RayError as exc:  # e.g. an actor that could not load its models
+            cause = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise RayEngineError(f"the Ray workers failed: {cause}") from exc
+        finally:
+            report.seconds = time.perf_counter() - started
+            if owned:
+                ray.shutdown()
+        return report
+
+    return engine

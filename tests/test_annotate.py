@@ -1,0 +1,239 @@
+"""`prelabel annotate` and `prelabel rank` against a real Label Studio, and folder mode, on tiny models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pycocotools.coco import COCO
+from typer.testing import CliRunner
+
+from ml_backend.cli import app
+from ml_backend.labelstudio.annotate import annotate_project, image_files, rank_project
+from ml_backend.labelstudio.backend import LabelStudioBackend
+from ml_backend.pipeline import Pipeline
+from ml_backend.settings import Settings
+
+from .conftest import LEGACY_TOKEN, encode, make_image
+
+pytest.importorskip("label_studio", reason="Label Studio is installed by the project's test extra")
+from label_studio_sdk.client import LabelStudio  # noqa: E402
+from label_studio_sdk.label_interface import LabelInterface  # noqa: E402
+
+BOXES = """<View>
+  <Image name="image" value="$image"/>
+  <RectangleLabels name="box" toName="image"><Label value="Car"/><Label value="Person"/></RectangleLabels>
+</View>"""
+TASKS = 50
+
+
+@pytest.fixture(scope="module")
+def many_images(image_dir) -> Path:
+    folder = image_dir / "annotate"
+    folder.mkdir(exist_ok=True)
+    for i in range(TASKS):
+        (folder / f"{i:03d}.png").write_bytes(encode(make_image(64 + i % 5 * 8, 48, seed=i)))
+    return folder
+
+
+@pytest.fixture
+def ls(label_studio):
+    return LabelStudio(base_url=label_studio, api_key=LEGACY_TOKEN)
+
+
+def make_project(ls, title: str, folder: Path, limit: int | None = None, extra: list[str] = ()) -> int:
+    """Tasks for the images of `folder` (Label Studio serves local files only of a connected storage)."""
+    project = ls.projects.create(title=title, label_config=BOXES)
+    ls.import_storage.local.create(project=project.id, path=str(folder), use_blob_urls=True)
+    root = folder.parent
+    refs = [f"/data/local-files/?d={p.relative_to(root).as_posix()}" for p in image_files(folder)][:limit]
+    ls.projects.import_tasks(id=project.id, request=[{"data": {"image": ref}} for ref in [*refs, *extra]])
+    return project.id
+
+
+def task_ids(ls, project_id: int) -> list[int]:
+    return sorted(t.id for t in ls.tasks.list(project=project_id))
+
+
+def predictions_by_task(ls, project_id: int) -> dict[int, list]:
+    out = {t.id: [] for t in ls.tasks.list(project=project_id)}
+    for p in ls.predictions.list(project=project_id):
+        out[p.task].append(p)
+    return out
+
+
+@pytest.fixture
+def backend(label_studio, tiny_models, tmp_path) -> LabelStudioBackend:
+    """Fetches images through Label Studio's HTTP API, as against a remote instance."""
+    settings = Settings(detector=str(tiny_models["detector"]), segmenter="", label_studio_url=label_studio,
+                        label_studio_api_key=LEGACY_TOKEN, model_dir=tmp_path / "models", batch_size=4)
+    return LabelStudioBackend.for_batch(Pipeline.from_settings(settings))
+
+
+def cli_args(label_studio, tiny_models, *extra) -> list[str]:
+    return ["annotate", "--url", label_studio, "--api-key", LEGACY_TOKEN, "--detector", str(tiny_models["detector"]),
+            "--segmenter", "none", *extra]
+
+
+def test_a_project_is_annotated_fully_and_a_rerun_adds_nothing(ls, label_studio, tiny_models, many_images, image_dir, tmp_path):
+    project_id = make_project(ls, "annotate all", many_images)
+    report = tmp_path / "report.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "ml_backend.cli", *cli_args(label_studio, tiny_models, "--project", str(project_id),
+                                                          "--batch-size", "8", "--report", str(report))],
+        capture_output=True, text=True, timeout=300, env={"MODEL_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(report.read_text())
+    assert summary["done"] == TASKS and summary["failed"] == [] and summary["ok"]
+    version = summary["model_version"]
+    by_task = predictions_by_task(ls, project_id)
+    assert len(by_task) == TASKS and all(len(p) == 1 and p[0].model_version == version for p in by_task.values())
+    interface = LabelInterface(BOXES)
+    for (prediction,) in list(by_task.values())[:5]:
+        assert interface.validate_prediction({"result": prediction.result}, return_errors=True) in (True, [])
+        assert 0 <= prediction.score <= 1
+    assert ls.projects.get(id=project_id).model_version == version, "the Data Manager shows these predictions"
+    again = CliRunner().invoke(app, cli_args(label_studio, tiny_models, "--project", str(project_id), "--report", str(report)),
+                               env={"MODEL_DIR": str(tmp_path)})
+    assert again.exit_code == 0 and f"0 of 0 tasks" in again.output and f"{TASKS} skipped (already predicted)" in again.output
+    assert sum(len(p) for p in predictions_by_task(ls, project_id).values()) == TASKS
+
+
+def test_an_interrupted_run_is_finished_by_the_next_with_one_prediction_per_task(ls, backend, many_images, image_dir):
+    project_id = make_project(ls, "annotate interrupted", many_images)
+    pushes = []
+
+    class CtrlCOnFourthPush:
+        """Label Studio's client, with Ctrl-C arriving while the fourth batch is being pushed."""
+
+        def __getattr__(self, name):
+            return getattr(ls, name)
+
+        @property
+        def projects(self):
+            real = ls.projects
+
+            class Projects:
+                def __getattr__(self, name):
+                    return getattr(real, name)
+
+                def import_predictions(self, **kwargs):
+                    pushes.append(len(kwargs["request"]))
+                    if len(pushes) == 4:
+                        raise KeyboardInterrupt
+                    return real.import_predictions(**kwargs)
+
+            return Projects()
+
+    first = annotate_project(CtrlCOnFourthPush(), project_id, backend, batch_size=4)
+    assert first.interrupted and first.done == 12 and not first.ok
+    assert sum(bool(p) for p in predictions_by_task(ls, project_id).values()) == 12
+    second = annotate_project(ls, project_id, backend, batch_size=4)
+    assert second.ok and second.done == TASKS - 12 and second.skipped["already predicted"] == 12
+    by_task = predictions_by_task(ls, project_id)
+    assert all(len(p) == 1 and p[0].model_version == second.model_version for p in by_task.values())
+
+
+def test_broken_images_are_reported_by_task_and_the_others_annotated(ls, label_studio, tiny_models, many_images, image_dir, tmp_path):
+    broken = image_dir / "broken"
+    broken.mkdir(exist_ok=True)
+    (broken / "corrupt.png").write_bytes(encode(make_image(40, 40))[:50])
+    project_id = make_project(ls, "annotate broken", many_images, limit=5, extra=["/data/local-files/?d=annotate/missing.png"])
+    ls.import_storage.local.create(project=project_id, path=str(broken), use_blob_urls=True)
+    ls.projects.import_tasks(id=project_id, request=[{"data": {"image": "/data/local-files/?d=broken/corrupt.png"}}])
+    ids = task_ids(ls, project_id)
+    missing, corrupt = ids[-2:]
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(app, cli_args(label_studio, tiny_models, "--project", str(project_id), "--report", str(report)),
+                                env={"MODEL_DIR": str(tmp_path)})
+    assert result.exit_code == 1, result.output
+    assert f"task {missing}:" in result.output and "404" in result.output
+    assert f"task {corrupt}:" in result.output and "corrupt or truncated" in result.output
+    summary = json.loads(report.read_text())
+    assert summary["done"] == 5 and {e["task"] for e in summary["failed"]} == {missing, corrupt} and not summary["ok"]
+    by_task = predictions_by_task(ls, project_id)
+    assert [len(by_task[t]) for t in ids] == [1] * 5 + [0, 0]
+
+
+def test_only_unlabeled_and_limit(ls, backend, many_images, image_dir):
+    project_id = make_project(ls, "annotate unlabeled", many_images, limit=6)
+    first_task = min(t.id for t in ls.tasks.list(project=project_id))
+    ls.annotations.create(id=first_task, result=[], was_cancelled=False)
+    limited = annotate_project(ls, project_id, backend, only_unlabeled=True, limit=2)
+    assert limited.done == 2 and limited.skipped["labeled"] == 1
+    rest = annotate_project(ls, project_id, backend, only_unlabeled=True)
+    assert rest.done == 3 and rest.skipped == {"already predicted": 2, "labeled": 1}
+    assert predictions_by_task(ls, project_id)[first_task] == []
+
+
+def test_folder_mode_writes_label_studio_tasks_and_coco_that_import(ls, tiny_models, many_images, image_dir, tmp_path):
+    folder = image_dir / "folder-mode"
+    folder.mkdir(exist_ok=True)
+    for p in image_files(many_images)[:6]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "out"
+    args = ["annotate", str(folder), "--out", str(out), "--detector", str(tiny_models["detector"]),
+            "--segmenter", str(tiny_models["segmenter"]), "--prompts", str(Path(__file__).parents[1] / "prompts/example.yaml")]
+    env = {"MODEL_DIR": str(tmp_path), "LOCAL_FILES_DOCUMENT_ROOT": str(image_dir)}
+    first = CliRunner().invoke(app, args, env=env)
+    assert first.exit_code == 1 and "broken.jpg" in first.output  # reported, the rest written
+    tasks = json.loads((out / "tasks.json").read_text())
+    assert len(tasks) == 6 and tasks[0]["data"]["image"] == "/data/local-files/?d=folder-mode/000.png"
+    config = (out / "label_config.xml").read_text()
+    interface = LabelInterface(config)
+    assert all(interface.validate_prediction(t["predictions"][0], return_errors=True) in (True, []) for t in tasks)
+    project = ls.projects.create(title="folder import", label_config=config)
+    ls.projects.import_tasks(id=project.id, request=tasks)
+    by_task = predictions_by_task(ls, project.id)
+    assert len(by_task) == 6 and all(len(p) == 1 for p in by_task.values())
+    coco = COCO(str(out / "coco.json"))
+    assert len(coco.getImgIds()) == 6 and [c["name"] for c in coco.loadCats(coco.getCatIds())] == ["Bottle", "Can", "Person", "Car"]
+    boxes = sum(r["type"] == "rectanglelabels" for t in tasks for r in t["predictions"][0]["result"])
+    assert len(coco.getAnnIds()) == boxes > 0
+    ann = coco.loadAnns(coco.getAnnIds())[0]
+    image = coco.loadImgs(ann["image_id"])[0]
+    assert coco.annToMask(ann).shape == (image["height"], image["width"])
+    again = CliRunner().invoke(app, args, env=env)  # resumes: only the broken image is tried again
+    assert "6 skipped (already predicted)" in again.output and "0 of 1 tasks" in again.output
+    assert json.loads((out / "tasks.json").read_text()) == tasks
+
+
+def test_rank_orders_hardest_first_and_the_data_manager_sorts_the_same_way(ls, label_studio, backend, many_images, image_dir):
+    project_id = make_project(ls, "annotate rank", many_images, limit=12)
+    report = annotate_project(ls, project_id, backend, batch_size=6)
+    result = CliRunner().invoke(app, ["rank", "--project", str(project_id), "--url", label_studio, "--api-key", LEGACY_TOKEN,
+                                      "--top", "3"])
+    assert result.exit_code == 0 and f"{label_studio}/projects/{project_id}/data?task=" in result.output
+    version, ranked = rank_project(ls, project_id, label_studio)
+    assert version == report.model_version and len(ranked) == 12
+    assert [r.uncertainty for r in ranked] == sorted((r.uncertainty for r in ranked), reverse=True)
+    order = json.dumps({"ordering": ["tasks:predictions_score"]})
+    sorted_by_dm = [t.id for t in ls.tasks.list(project=project_id, fields="all", include="id,predictions_score", query=order)]
+    scores = {t.id: t.predictions_score for t in ls.tasks.list(project=project_id, fields="all", include="id,predictions_score")}
+    assert [round(scores[t], 6) for t in sorted_by_dm] == [round(1 - r.uncertainty, 6) for r in ranked]
+
+
+def test_rank_scores_predictions_made_without_one(ls, label_studio, many_images, image_dir):
+    project_id = make_project(ls, "annotate rank foreign", many_images, limit=3)
+    ids = task_ids(ls, project_id)
+
+    def box(score):
+        return {"from_name": "box", "to_name": "image", "type": "rectanglelabels", "score": score,
+                "value": {"x": 10, "y": 10, "width": 20, "height": 20, "rectanglelabels": ["Car"]}}
+
+    ls.projects.import_predictions(id=project_id, request=[
+        {"task": ids[0], "result": [box(0.95)], "model_version": "other-tool"},
+        {"task": ids[1], "result": [box(0.36), box(0.9)], "model_version": "other-tool"},
+        {"task": ids[2], "result": [], "model_version": "other-tool"},
+    ])
+    version, ranked = rank_project(ls, project_id, label_studio, thresholds={"Car": 0.35})
+    assert version == "other-tool" and [r.task for r in ranked] == [ids[1], ids[0], ids[2]]
+    stored = {p.task: p.score for p in ls.predictions.list(project=project_id)}
+    assert stored[ids[2]] == 1.0 and stored[ids[1]] < stored[ids[0]] < 1.0
+    with pytest.raises(Exception, match="no predictions of model version 'nope'"):
+        rank_project(ls, project_id, label_studio, model_version="nope")
