@@ -36,4 +36,4 @@ tiny-models: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/prelabel dev tiny-models .prelabel/tiny-models
 
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.run
+	rc=0; for b in run annotate ray_scaling; do HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.$$b || rc=1; done; exit $$rc

@@ -45,15 +45,18 @@ def near_miss_uncertainties(detections: sv.Detections, ontology: Ontology) -> np
     return np.clip(1 - np.abs(gaps) / scale, 0, 1)
 
 
-def image_uncertainty(detections: sv.Detections, ontology: Ontology) -> float:
-    u = np.concatenate([box_uncertainties(detections, ontology), near_miss_uncertainties(detections, ontology)])
+def combine(u: np.ndarray) -> float:
+    """Per-box uncertainties -> the image's: grows with each uncertain box, 0 with none."""
     return float(1 - np.prod(1 - u)) if u.size else 0.0
+
+
+def image_uncertainty(detections: sv.Detections, ontology: Ontology) -> float:
+    return combine(np.concatenate([box_uncertainties(detections, ontology), near_miss_uncertainties(detections, ontology)]))
 
 
 def uncertainty_from_scores(scores: np.ndarray, thresholds: np.ndarray) -> float:
     """The image uncertainty from box confidences alone (margin signal only): for predictions made elsewhere."""
-    u = np.clip(margin_uncertainties(scores, thresholds), 0, 1)
-    return float(1 - np.prod(1 - u)) if u.size else 0.0
+    return combine(np.clip(margin_uncertainties(scores, thresholds), 0, 1))
 
 
 def task_score(detections: sv.Detections, ontology: Ontology) -> float:
