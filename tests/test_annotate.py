@@ -237,3 +237,26 @@ def test_rank_scores_predictions_made_without_one(ls, label_studio, many_images,
     assert stored[ids[2]] == 1.0 and stored[ids[1]] < stored[ids[0]] < 1.0
     with pytest.raises(Exception, match="no predictions of model version 'nope'"):
         rank_project(ls, project_id, label_studio, model_version="nope")
+
+
+@pytest.mark.parametrize(
+    "args, problem",
+    [
+        (["annotate"], "give either --project ID"),
+        (["annotate", "imgs", "--project", "3"], "give either --project ID"),
+        (["annotate", "imgs"], "folder mode needs --out DIR"),
+        (["annotate", "--project", "3"], "give Label Studio's address and an API key"),
+        (["annotate", "--project", "3", "--url", "http://127.0.0.1:9", "--api-key", "x", "--engine", "spark"], "--engine 'spark'"),
+        (["rank", "--project", "3"], "give Label Studio's address and an API key"),
+    ],
+)
+def test_annotate_and_rank_name_usage_errors(args, problem, monkeypatch):
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    monkeypatch.delenv("LABEL_STUDIO_API_KEY", raising=False)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and problem in result.output, result.output
+
+
+def test_annotate_names_a_missing_project(label_studio, tiny_models, tmp_path):
+    result = CliRunner().invoke(app, cli_args(label_studio, tiny_models, "--project", "987654"), env={"MODEL_DIR": str(tmp_path)})
+    assert result.exit_code == 2 and "Label Studio has no project 987654" in result.output
