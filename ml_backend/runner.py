@@ -49,16 +49,21 @@ class Report:
 
 
 def progress_bar(label: str):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    """Done/total, images per second and ETA from the average rate since the start (rich's own speed estimate
+    needs several updates within 30 s, which slow models on CPU do not give)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
     from rich.text import Text
 
-    class Rate(ProgressColumn):
+    class RateAndEta(ProgressColumn):
         def render(self, task) -> Text:
-            return Text(f"{task.speed or 0:.2f} img/s")
+            rate = task.completed / task.elapsed if task.elapsed and task.completed else 0.0
+            if not rate:
+                return Text("-- img/s  ETA --")
+            left = max(0.0, (task.total or 0) - task.completed) / rate
+            return Text(f"{rate:.2f} img/s  ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}")
 
-    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(), TextColumn("ETA"),
-               TimeRemainingColumn())
-    return Progress(*columns, transient=False)
+    return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), RateAndEta(),
+                    transient=False)
 
 
 def chunks(items: Iterable, size: int) -> Iterator[list]:
