@@ -57,6 +57,34 @@ class RequestError(PrelabelError):
     status = 400
 
 
+class ImageBlockedError(ImageFetchError):
+    """An image URL outside the hosts we may fetch from (SSRF guard)."""
+
+    kind = "image_blocked"
+    status = 403
+
+
+class RequestTooLargeError(RequestError):
+    """A request body over PRELABEL_MAX_REQUEST_BYTES."""
+
+    kind = "request_too_large"
+    status = 413
+
+
+class OverloadedError(PrelabelError):
+    """The inference queue is full: come back later (503 with Retry-After)."""
+
+    kind = "overloaded"
+    status = 503
+
+
+class InferenceError(PrelabelError):
+    """The model failed on one task's image; the other tasks of the batch keep their results."""
+
+    kind = "inference"
+    status = 500
+
+
 def describe_validation(errors: list[dict]) -> str:
     """pydantic's errors() as one line: `field.sub: message; ...`."""
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors)

@@ -5,31 +5,41 @@ read from `LOCAL_FILES_DOCUMENT_ROOT` when it is set), http(s) URLs, cloud URIs 
 `azure-blob://`) resolved through Label Studio's presign endpoint, and `data:` URIs. The Label Studio API key
 is sent only to the Label Studio host (as `Token` for a legacy key, as `Bearer` with an access token obtained
 from a personal access token).
+
+SSRF guard (`UrlGuard`): a URL is fetched only from the Label Studio host, hosts in PRELABEL_ALLOWED_HOSTS, or
+a public address a Label Studio response redirected to (cloud presign). The host is resolved and its addresses
+classified before connecting, and again at every redirect hop.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import ipaddress
 import json
 import logging
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, quote, unquote, urljoin, urlsplit
+from typing import Callable
+from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode, urljoin, urlsplit, urlunsplit
 
 import httpx
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageAuthError, ImageDecodeError, ImageError, ImageFetchError, ImageTooLargeError
+from .errors import ImageAuthError, ImageBlockedError, ImageDecodeError, ImageError, ImageFetchError, ImageTooLargeError
 from .settings import Settings
 
 log = logging.getLogger(__name__)
 
 CLOUD_SCHEMES = ("s3", "gs", "gcs", "azure-blob", "azure-spi")
+MAX_REDIRECTS = 5
+NEVER_LABEL_STUDIO = ("link-local", "multicast", "unspecified")  # cloud metadata lives at link-local addresses
+SECRET_PARAMS = ("sig", "signature", "token", "key", "credential", "password", "secret", "auth", "session")
 Image.MAX_IMAGE_PIXELS = None  # we enforce our own, configurable limit before decoding
 
 
@@ -75,6 +85,149 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
     port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
     return parts.scheme, (parts.hostname or "").lower(), port
+
+
+def redact(url: str) -> str:
+    """A URL safe for logs and error bodies: no userinfo, values of signature/token-like query parameters masked."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparsable URL>"
+    if parts.scheme not in ("http", "https"):
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    query = urlencode(
+        [(k, "***" if any(s in k.lower() for s in SECRET_PARAMS) else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)],
+        safe="/*",
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+class _RedactUrls(logging.Filter):
+    """httpx logs every request's URL at INFO: presigned signatures and userinfo must not reach the log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(str(a)) if isinstance(a, httpx.URL) else a for a in record.args)
+        return True
+
+
+logging.getLogger("httpx").addFilter(_RedactUrls())
+
+Resolver = Callable[[str, int], list[str]]
+
+
+def resolve(host: str, port: int) -> list[str]:
+    """Every address the host resolves to (the connection may go to any of them)."""
+    return sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+
+
+def address_kind(address: str) -> str | None:
+    """None for a public (global) address, else what it is: loopback, link-local, private, ..."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    for attr in ("unspecified", "loopback", "link_local", "private", "multicast", "reserved"):
+        if getattr(ip, f"is_{attr}"):
+            return attr.replace("_", "-")
+    return None if ip.is_global else "non-public"
+
+
+class UrlGuard:
+    """Decides whether a URL may be fetched, by host name and by the classes of the addresses it resolves to.
+
+    Allowed: the Label Studio origin (or the same port on the same addresses); hosts in `allowed` (exact names,
+    `*.suffix`, IPs, CIDRs); with `*` in `allowed`, any host whose addresses are all public; a hop that a Label
+    Studio response redirected to (cloud presign), when its addresses are all public."""
+
+    def __init__(self, allowed: list[str], resolver: Resolver = resolve):
+        self.resolver = resolver
+        self.any_public = "*" in allowed
+        self.names: set[str] = set()
+        self.suffixes: list[str] = []
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for entry in (a.strip().lower() for a in allowed if a.strip() != "*"):
+            try:
+                self.networks.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+            except ValueError:
+                if entry.startswith("*."):
+                    self.suffixes.append(entry[1:])
+                else:
+                    self.names.add(entry)
+        self.label_studio: tuple[str, str, int | None] | None = None
+        self._ls_addresses: frozenset[str] | None = None
+
+    def set_label_studio(self, url: str | None) -> None:
+        self.label_studio = _origin(url) if url else None
+        self._ls_addresses = None
+
+    def is_label_studio(self, url: str) -> bool:
+        return self.label_studio is not None and _origin(url) == self.label_studio
+
+    def _ls_address_set(self) -> frozenset[str]:
+        """Label Studio's addresses, resolved once."""
+        if self._ls_addresses is None and self.label_studio:
+            try:
+                self._ls_addresses = frozenset(self.resolver(self.label_studio[1], self.label_studio[2] or 80))
+            except OSError:
+                return frozenset()
+        return self._ls_addresses or frozenset()
+
+    def _explicitly_allowed(self, host: str, addresses) -> bool:
+        if host in self.names or any(host.endswith(s) for s in self.suffixes):
+            return True
+        ips = [ipaddress.ip_address(a.split("%", 1)[0]) for a in addresses]
+        return bool(ips and self.networks) and all(any(ip in n for n in self.networks if ip.version == n.version) for ip in ips)
+
+    def refusal(self, url: str, redirected_by_label_studio: bool = False) -> str | None:
+        """Why `url` must not be fetched, or None when it may."""
+        parts = urlsplit(url)
+        scheme, host, port = _origin(url)
+        if scheme not in ("http", "https") or not host:
+            return f"only http(s) URLs with a host are fetched, not {scheme or 'no scheme'!r}"
+        if self.is_label_studio(url):
+            # a Label Studio address given by an unauthenticated /setup must not reach cloud metadata endpoints
+            odd = [(a, k) for a in self._ls_address_set() if (k := address_kind(a)) in NEVER_LABEL_STUDIO]
+            if odd and not self._explicitly_allowed(host, self._ls_address_set()):
+                return f"the Label Studio host {host} resolves to {odd[0][0]}, a {odd[0][1]} address"
+            return None
+        if host in self.names or any(host.endswith(s) for s in self.suffixes):
+            return None
+        try:
+            addresses = self.resolver(host, port or 80)
+        except OSError as exc:
+            return f"host {host} does not resolve ({exc})"
+        if not addresses:
+            return f"host {host} does not resolve"
+        if self._explicitly_allowed(host, addresses):
+            return None
+        ls_machine = set(map(_same_machine, self._ls_address_set()))
+        if self.label_studio and port == self.label_studio[2] and set(map(_same_machine, addresses)) <= ls_machine:
+            return None  # Label Studio under another name (localhost for 127.0.0.1)
+        kinds = [(a, address_kind(a)) for a in addresses]
+        private = [(a, k) for a, k in kinds if k]
+        if private:
+            address, kind = private[0]
+            return f"{host} resolves to {address}, a {kind} address that is not Label Studio's"
+        if self.any_public or redirected_by_label_studio:
+            return None
+        where = f"the Label Studio host ({self.label_studio[1]})" if self.label_studio else "the Label Studio host"
+        return f"{parts.hostname} is neither {where} nor in PRELABEL_ALLOWED_HOSTS"
+
+    def check(self, url: str, source: str, redirect: bool = False, redirected_by_label_studio: bool = False) -> None:
+        """Raises ImageBlockedError naming the URL and the reason."""
+        reason = self.refusal(url, redirected_by_label_studio)
+        if reason:
+            hop = ", a redirect" if redirect else ""
+            raise ImageBlockedError(
+                f"image {redact(source)} ({redact(url)}{hop}) could not be fetched: refused, {reason}; images are "
+                f"fetched only from the Label Studio host, PRELABEL_ALLOWED_HOSTS and cloud presign redirects"
+            )
+
+
+def _same_machine(address: str) -> str:
+    """Loopback addresses all name this machine."""
+    return "loopback" if address_kind(address) == "loopback" else address.split("%", 1)[0]
 
 
 def _looks_like_jwt(token: str) -> bool:
@@ -136,7 +289,8 @@ def _detail(response: httpx.Response) -> str:
 class ImageLoader:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.client = httpx.Client(timeout=settings.download_timeout, follow_redirects=True, max_redirects=5)
+        self.client = httpx.Client(timeout=settings.download_timeout, follow_redirects=False)  # hops checked by us
+        self.guard = UrlGuard(settings.allowed_hosts)
         self.pool = ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="fetch")
         self._auth: LabelStudioAuth | None = None
         self._ls_url: str | None = None
@@ -149,6 +303,7 @@ class ImageLoader:
         if not url:
             return
         self._ls_url = url.rstrip("/")
+        self.guard.set_label_studio(self._ls_url)
         self._auth = LabelStudioAuth(self._ls_url, api_key, self.client) if api_key else None
 
     @property
@@ -250,40 +405,55 @@ class ImageLoader:
         return {}
 
     def _fetch(self, url: str, source: str) -> LoadedImage:
-        limit = self.settings.max_download_bytes
         deadline = time.monotonic() + self.settings.download_timeout
+        shown = redact(url)
+        self.guard.check(url, source)
         try:
-            with self.client.stream("GET", url, headers=self._headers_for(url)) as response:
-                if response.status_code in (401, 403):
-                    sent = "with" if self._headers_for(url) else "without"
-                    raise ImageAuthError(
-                        f"Label Studio refused image {source} ({url}) {sent} an API key: {response.status_code} "
-                        f"{_detail_streamed(response)}; check LABEL_STUDIO_API_KEY (a legacy token or a personal "
-                        f"access token of a user of that Label Studio) and LABEL_STUDIO_URL"
-                    )
-                if response.status_code >= 400:
-                    raise ImageFetchError(f"image {source} ({url}) answered HTTP {response.status_code}")
-                declared = int(response.headers.get("content-length") or 0)
-                if declared > limit:
-                    raise self._too_big(source, declared)
-                chunks, size = [], 0
-                for chunk in response.iter_bytes():
-                    size += len(chunk)
-                    if size > limit:
-                        raise self._too_big(source, size)
-                    if time.monotonic() > deadline:
-                        raise ImageFetchError(
-                            f"image {source} took longer than {self.settings.download_timeout} s to download "
-                            f"(PRELABEL_DOWNLOAD_TIMEOUT)"
-                        )
-                    chunks.append(chunk)
+            for _ in range(MAX_REDIRECTS + 1):
+                data, location = self._get(url, source, deadline)
+                if location is None:
+                    return decode_image(data, redact(source), self.settings.max_image_pixels)
+                from_ls, url = self.guard.is_label_studio(url), urljoin(url, location)
+                self.guard.check(url, source, redirect=True, redirected_by_label_studio=from_ls)  # before following the hop
+                shown = redact(url)
         except httpx.TimeoutException:
             raise ImageFetchError(
-                f"image {source} ({url}) timed out after {self.settings.download_timeout} s (PRELABEL_DOWNLOAD_TIMEOUT)"
+                f"image {redact(source)} ({shown}) timed out after {self.settings.download_timeout} s (PRELABEL_DOWNLOAD_TIMEOUT)"
             ) from None
         except httpx.HTTPError as exc:
-            raise ImageFetchError(f"image {source} ({url}) could not be fetched: {exc}") from None
-        return decode_image(b"".join(chunks), source, self.settings.max_image_pixels)
+            raise ImageFetchError(f"image {redact(source)} ({shown}) could not be fetched: {exc}") from None
+        raise ImageFetchError(f"image {redact(source)} redirected more than {MAX_REDIRECTS} times (last {shown})")
+
+    def _get(self, url: str, source: str, deadline: float) -> tuple[bytes, str | None]:
+        """One hop: (body, None), or (b"", Location) for a redirect. Limits and auth errors raise."""
+        limit, shown, source = self.settings.max_download_bytes, redact(url), redact(source)
+        with self.client.stream("GET", url, headers=self._headers_for(url)) as response:
+            if response.is_redirect and response.headers.get("location"):
+                return b"", response.headers["location"]
+            if response.status_code in (401, 403):
+                sent = "with" if self._headers_for(url) else "without"
+                raise ImageAuthError(
+                    f"Label Studio refused image {source} ({shown}) {sent} an API key: {response.status_code} "
+                    f"{_detail_streamed(response)}; check LABEL_STUDIO_API_KEY (a legacy token or a personal "
+                    f"access token of a user of that Label Studio) and LABEL_STUDIO_URL"
+                )
+            if response.status_code >= 400:
+                raise ImageFetchError(f"image {source} ({shown}) answered HTTP {response.status_code}")
+            declared = int(response.headers.get("content-length") or 0)
+            if declared > limit:
+                raise self._too_big(source, declared)
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise self._too_big(source, size)
+                if time.monotonic() > deadline:
+                    raise ImageFetchError(
+                        f"image {source} took longer than {self.settings.download_timeout} s to download "
+                        f"(PRELABEL_DOWNLOAD_TIMEOUT)"
+                    )
+                chunks.append(chunk)
+        return b"".join(chunks), None
 
 
 def _detail_streamed(response: httpx.Response) -> str:

@@ -1,9 +1,10 @@
 """All configuration in one object, read from environment variables; CLI flags override."""
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SEGMENTER = "facebook/sam-vit-base"
@@ -37,3 +38,18 @@ class Settings(BaseSettings):
     download_timeout: float = Field(30.0, gt=0)
     fetch_workers: int = Field(8, ge=1)
     max_tasks_per_request: int = Field(256, ge=1)
+
+    # Serving under load and at the edge (see README "Under load" and "Security").
+    max_request_bytes: int = Field(64 * 2**20, ge=1)  # request bodies over this get 413
+    queue_size: int = Field(64, ge=1)  # /predict requests admitted at once per lane; more get 503 + Retry-After
+    batch_wait_ms: float = Field(10.0, ge=0)  # how long a small batch waits for concurrent requests to join it
+    # Hosts images may come from besides Label Studio: names, *.suffix, IPs or CIDRs; "*" = any public address.
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value):
+        """PRELABEL_ALLOWED_HOSTS is comma- or space-separated."""
+        if isinstance(value, str):
+            return [h for h in value.replace(",", " ").split() if h]
+        return value

@@ -96,12 +96,12 @@ def test_local_files_fall_back_to_label_studio_when_not_on_this_machine(ls_host,
 
 def test_download_size_limit_is_enforced_and_named(ls_host):
     with pytest.raises(ImageTooLargeError, match="over the download limit of 100 bytes"):
-        loader(max_download_bytes=100).load(f"{ls_host.url}/public/img0.png", 1)
+        loader(max_download_bytes=100, allowed_hosts=["127.0.0.1"]).load(f"{ls_host.url}/public/img0.png", 1)
 
 
 def test_download_timeout_is_enforced_and_named(ls_host):
     with pytest.raises(ImageFetchError, match="timed out after 0.5 s"):
-        loader(download_timeout=0.5).load(f"{ls_host.url}/slow", 1)
+        loader(download_timeout=0.5, allowed_hosts=["127.0.0.1"]).load(f"{ls_host.url}/slow", 1)
 
 
 def test_load_many_returns_each_failure_in_place(ls_host):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -68,9 +69,26 @@ def project_id(project: str | int | dict | None) -> int | None:
     return int(head) if head.isdigit() else None
 
 
+def is_interactive(req: PredictRequest) -> bool:
+    """Smart tools send their regions as `params.context.result`; batch predictions send none."""
+    context = (req.params or {}).get("context")
+    return isinstance(context, dict) and bool(context.get("result"))
+
+
 def task_error(task_id, exc: PrelabelError) -> dict:
     where = f"task {task_id}" if task_id is not None else "task without id"
     return {"task": task_id, "error": {"kind": exc.kind, "message": f"{where}: {exc}"}}
+
+
+@dataclass
+class PreparedPredict:
+    """A checked /predict request: its tasks, config, ontology and model version; `context` for interactive ones."""
+
+    tasks: list
+    config: ProjectConfig
+    ontology: Ontology
+    version: str
+    context: dict | None
 
 
 @dataclass
@@ -123,7 +141,8 @@ class LabelStudioBackend:
         return config.ontology(self.pipeline.prompts, self.settings.max_detections)
 
     # -- /predict -----------------------------------------------------------------------------------------------
-    def predict(self, req: PredictRequest) -> dict:
+    def prepare(self, req: PredictRequest) -> PreparedPredict:
+        """Checks a /predict request and resolves its config; raises for request-level mistakes."""
         limit = self.settings.max_tasks_per_request
         if len(req.tasks) > limit:
             raise RequestError(f"{len(req.tasks)} tasks in one request, over the limit of {limit} (PRELABEL_MAX_TASKS_PER_REQUEST)")
@@ -134,17 +153,36 @@ class LabelStudioBackend:
         config = parse_config(xml)
         ontology = self.ontology_for(config)
         version = self.pipeline.model_version(ontology)
-        context = (req.params or {}).get("context")
-        if isinstance(context, dict) and context.get("result"):
-            if len(req.tasks) != 1:
-                raise RequestError(f"interactive annotation takes exactly one task, got {len(req.tasks)}")
-            task = req.tasks[0]
-            try:
-                return {"results": [self.interactive(task, config, ontology, context, version)]}
-            except PrelabelError as exc:  # name the task, as batch errors do
-                tid = task.get("id") if isinstance(task, dict) else None
-                raise type(exc)(task_error(tid, exc)["error"]["message"]) from None
-        return {"results": self.predict_tasks(req.tasks, config, ontology, version)}
+        context = req.params["context"] if is_interactive(req) else None
+        if context is not None and len(req.tasks) != 1:
+            raise RequestError(f"interactive annotation takes exactly one task, got {len(req.tasks)}")
+        return PreparedPredict(req.tasks, config, ontology, version, context)
+
+    def predict(self, req: PredictRequest) -> dict:
+        p = self.prepare(req)
+        if p.context is not None:
+            return {"results": [self.interactive_task(p)]}
+        return {"results": self.predict_tasks(p.tasks, p.config, p.ontology, p.version)}
+
+    def interactive_task(self, p: PreparedPredict, image: LoadedImage | None = None) -> dict:
+        """The one interactive result; errors name the task, as batch errors do."""
+        with self._named(p.tasks[0]):
+            return self.interactive(p.tasks[0], p.config, p.ontology, p.context, p.version, image)
+
+    def interactive_image(self, p: PreparedPredict) -> LoadedImage:
+        """Fetches the interactive task's image (so that a model worker need not wait on the network)."""
+        with self._named(p.tasks[0]):
+            tid, data, key = self._interactive_source(p.tasks[0], p.config, p.context)
+            return self.loader.load(data[key], tid)
+
+    @staticmethod
+    @contextmanager
+    def _named(task: Any):
+        try:
+            yield
+        except PrelabelError as exc:
+            tid = task.get("id") if isinstance(task, dict) else None
+            raise type(exc)(task_error(tid, exc)["error"]["message"]) from None
 
     def predict_tasks(self, tasks: list, config: ProjectConfig, ontology: Ontology, version: str) -> list[dict]:
         return self.infer(self.load_tasks(tasks, config), config, ontology, version)
@@ -216,17 +254,26 @@ class LabelStudioBackend:
         return tid, data
 
     # -- interactive --------------------------------------------------------------------------------------------
-    def interactive(self, task: Any, config: ProjectConfig, ontology: Ontology, context: dict, version: str) -> dict:
+    def _interactive_source(self, task: Any, config: ProjectConfig, context: dict) -> tuple[int | None, dict, str]:
+        """(task id, task data, data key of the image the context's regions point at)."""
         regions = [r for r in context.get("result", []) if isinstance(r, dict)]
         if not regions:
             raise RequestError("interactive context holds no regions")
         tid, data = self._task_fields(task)
-        texts = [r for r in regions if r.get("type") == "textarea"]
         to_name = next((r["to_name"] for r in regions if r.get("to_name")), config.controls[0].to_name)
         key = next((c.data_key for c in config.controls if c.to_name == to_name), config.controls[0].data_key)
         if key not in data:
             raise RequestError(f"task data has no {key!r} field")
-        image = self.loader.load(data[key], tid)
+        return tid, data, key
+
+    def interactive(
+        self, task: Any, config: ProjectConfig, ontology: Ontology, context: dict, version: str, image: LoadedImage | None = None
+    ) -> dict:
+        regions = [r for r in context.get("result", []) if isinstance(r, dict)]
+        tid, data, key = self._interactive_source(task, config, context)
+        texts = [r for r in regions if r.get("type") == "textarea"]
+        to_name = next((r["to_name"] for r in regions if r.get("to_name")), config.controls[0].to_name)
+        image = image or self.loader.load(data[key], tid)
         if texts:
             return self._text_prompt(image, texts[0], config, ontology, key, version)
         return self._click(image, regions, config, to_name, version)

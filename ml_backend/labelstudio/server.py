@@ -1,28 +1,48 @@
-"""FastAPI app speaking Label Studio's ML-backend protocol (Label Studio 1.23)."""
+"""FastAPI app speaking Label Studio's ML-backend protocol (Label Studio 1.23).
+
+Under load: image fetching runs in a thread pool; the models run in one `InferenceWorker` thread fed by two
+queues (interactive first), which merges concurrent batch requests into model batches. Each lane admits at most
+PRELABEL_QUEUE_SIZE requests at once; more get 503 with Retry-After. Request bodies are capped by
+PRELABEL_MAX_REQUEST_BYTES."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
 import logging
 import secrets
+import threading
 import time
+from collections import deque
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from ..errors import PrelabelError, describe_validation
+from ..errors import InferenceError, OverloadedError, PrelabelError, RequestTooLargeError, describe_validation
 from ..images import ImageLoader
-from ..metrics import Metrics
+from ..metrics import Metrics, prometheus
 from ..pipeline import Pipeline
-from .backend import LabelStudioBackend, PredictRequest, PredictResponse, SetupRequest, WebhookRequest
+from .backend import (
+    LabelStudioBackend,
+    LoadedTasks,
+    PredictRequest,
+    PredictResponse,
+    SetupRequest,
+    WebhookRequest,
+    is_interactive,
+    task_error,
+)
 from .store import EventStore
 
 log = logging.getLogger(__name__)
+RETRY_AFTER_S = 1
 
 
 def error_body(kind: str, message: str) -> dict:
@@ -41,16 +61,265 @@ def _authorized(header: str | None, user: str, password: str) -> bool:
     return ok_user and ok_pass
 
 
+# -- the inference worker ---------------------------------------------------------------------------------------
+class _Waiter:
+    """An asyncio future completed from the worker thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.future: asyncio.Future = self.loop.create_future()
+        self.queued = time.perf_counter()
+
+    def _set(self, value: Any, error: BaseException | None) -> None:
+        if self.future.done():  # the request went away
+            return
+        if error is not None:
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(value)
+
+    def done(self, value: Any = None, error: BaseException | None = None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._set, value, error)
+        except RuntimeError:  # the event loop has closed: the server is shutting down
+            pass
+
+
+@dataclass
+class _BatchJob:
+    """One /predict request's tasks, answered when all its pieces are done."""
+
+    waiter: _Waiter
+    key: tuple
+    args: tuple  # (config, ontology, version)
+    entries: list
+    pieces: int = 0
+
+
+@dataclass
+class _Piece:
+    job: _BatchJob
+    start: int  # index of its first task in the job
+    batch: LoadedTasks
+    n_images: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.n_images = len(self.batch.images)
+
+
+def _split(batch: LoadedTasks, max_images: int) -> list[tuple[int, LoadedTasks]]:
+    """Consecutive runs of tasks with at most `max_images` images each (a task's images stay together)."""
+    by_task: dict[int, list] = {}
+    for item in batch.images:
+        by_task.setdefault(item[0], []).append(item)
+    out, start, count = [], 0, 0
+    for i in range(len(batch.tasks) + 1):
+        n = len(by_task.get(i, ()))
+        if i == len(batch.tasks) or (count and count + n > max_images):
+            if i > start:
+                images = [(j - start, k, img) for j in range(start, i) for _, k, img in by_task.get(j, ())]
+                out.append((start, LoadedTasks(batch.tasks[start:i], batch.entries[start:i], images)))
+            start, count = i, 0
+        count += n
+    return out or [(0, batch)]
+
+
+def _merge(pieces: list[_Piece]) -> LoadedTasks:
+    tasks, entries, images = [], [], []
+    for piece in pieces:
+        offset = len(tasks)
+        tasks += piece.batch.tasks
+        entries += piece.batch.entries
+        images += [(i + offset, k, img) for i, k, img in piece.batch.images]
+    return LoadedTasks(tasks, entries, images)
+
+
+class InferenceWorker:
+    """One thread owns the models (one instance per device). Interactive calls form a priority lane served before
+    any waiting batch work; batch requests are cut into pieces of at most `max_images` images, so a click waits
+    for at most one such piece, and pieces of concurrent requests with the same label config are merged into one
+    model batch after waiting up to `wait_s` for company (micro-batching)."""
+
+    def __init__(self, backend: LabelStudioBackend, metrics: Metrics, max_images: int, wait_s: float):
+        self.backend, self.metrics = backend, metrics
+        self.max_images, self.wait_s = max_images, wait_s
+        self._cond = threading.Condition()
+        self._calls: deque[tuple[_Waiter, Callable[[], Any]]] = deque()
+        self._pieces: deque[_Piece] = deque()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self._thread.start()
+
+    def depth(self) -> dict[str, int]:
+        with self._cond:
+            return {"interactive": len(self._calls), "batch_pieces": len(self._pieces)}
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Runs `fn` on the worker thread ahead of batch work."""
+        waiter = _Waiter()
+        with self._cond:
+            self._calls.append((waiter, fn))
+            self._cond.notify()
+        return await waiter.future
+
+    async def predict(self, batch: LoadedTasks, config, ontology, version: str) -> list[dict]:
+        """One entry per task, as `LabelStudioBackend.infer` gives."""
+        job = _BatchJob(_Waiter(), (version, repr(config)), (config, ontology, version), list(batch.entries))
+        pieces = [_Piece(job, start, part) for start, part in _split(batch, self.max_images)]
+        job.pieces = len(pieces)
+        with self._cond:
+            self._pieces.extend(pieces)
+            self._cond.notify()
+        return await job.waiter.future
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(5)
+
+    # -- worker thread -----------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._calls or self._pieces or self._closed):
+                    self._cond.wait()
+                if self._closed:
+                    return
+                call = self._calls.popleft() if self._calls else None
+                group = None if call else self._gather()
+            if call:
+                self._run_call(*call)
+            elif group:
+                self._run_group(group)
+
+    def _gather(self) -> list[_Piece]:
+        """(Lock held.) The first waiting piece plus later ones with the same config, up to max_images, waiting
+        up to wait_s for more unless an interactive call arrives."""
+        first = self._pieces.popleft()
+        group, images = [first], first.n_images
+        deadline = time.monotonic() + self.wait_s
+        while images < self.max_images:
+            for piece in list(self._pieces):
+                if piece.job.key == first.job.key and images + piece.n_images <= self.max_images:
+                    self._pieces.remove(piece)
+                    group.append(piece)
+                    images += piece.n_images
+            left = deadline - time.monotonic()
+            if images >= self.max_images or left <= 0 or self._calls or self._closed:
+                break
+            self._cond.wait(left)
+        return group
+
+    def _run_call(self, waiter: _Waiter, fn: Callable[[], Any]) -> None:
+        self.metrics.timing("queue_wait_interactive", time.perf_counter() - waiter.queued)
+        start = time.perf_counter()
+        try:
+            waiter.done(fn())
+        except Exception as exc:  # handed to the request, which answers it
+            waiter.done(error=exc)
+        self.metrics.timing("inference_interactive", time.perf_counter() - start)
+
+    def _run_group(self, group: list[_Piece]) -> None:
+        now = time.perf_counter()
+        jobs = {id(p.job): p.job for p in group}.values()
+        for job in jobs:
+            self.metrics.timing("queue_wait_batch", now - job.waiter.queued)
+        self.metrics.merged(len(jobs))
+        try:
+            entries = self._infer(_merge(group), group[0].job.args)
+        except Exception as exc:  # a request-level mistake (e.g. masks without a segmenter): whole requests fail
+            for job in jobs:
+                job.pieces = -1  # its other pieces, if any, must not answer again
+                job.waiter.done(error=exc)
+            return
+        self.metrics.timing("inference_batch", time.perf_counter() - now)
+        offset = 0
+        for piece in group:
+            n = len(piece.batch.tasks)
+            piece.job.entries[piece.start : piece.start + n] = entries[offset : offset + n]
+            offset += n
+            piece.job.pieces -= 1
+            if piece.job.pieces == 0:  # (a failed job sits below 0)
+                piece.job.waiter.done(piece.job.entries)
+
+    def _infer(self, batch: LoadedTasks, args: tuple) -> list[dict]:
+        """The whole batch in one model pass; if the model fails, task by task, so that only the task whose image
+        breaks it gets an error entry."""
+        try:
+            return self.backend.infer(batch, *args)
+        except PrelabelError:
+            raise
+        except Exception as exc:
+            if len(batch.tasks) == 1:
+                task = batch.tasks[0]
+                tid = task.get("id") if isinstance(task, dict) else None
+                log.exception("model failed on task %s", tid)
+                self.metrics.error(InferenceError.kind)
+                error = InferenceError(f"the model failed on this task's image: {type(exc).__name__}: {exc}")
+                return [batch.entries[0] or task_error(tid, error)]
+        log.warning("model failed on a batch of %d tasks; retrying them one by one", len(batch.tasks))
+        singles = [
+            LoadedTasks([task], [batch.entries[i]], [(0, k, img) for j, k, img in batch.images if j == i])
+            for i, task in enumerate(batch.tasks)
+        ]
+        return [entry for single in singles for entry in self._infer(single, args)]
+
+
+class BodyLimit:
+    """ASGI middleware: request bodies over `limit` bytes get 413, by Content-Length or while streaming."""
+
+    def __init__(self, app, limit: int, metrics: Metrics):
+        self.app, self.limit, self.metrics = app, limit, metrics
+
+    def _reply(self):
+        self.metrics.error(RequestTooLargeError.kind)
+        message = f"request body is over the limit of {self.limit} bytes (PRELABEL_MAX_REQUEST_BYTES)"
+        return JSONResponse(error_body(RequestTooLargeError.kind, message), status_code=413)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > self.limit:
+            return await self._reply()(scope, receive, send)
+        seen, over, started = 0, False, False
+
+        async def limited_receive():
+            nonlocal seen, over
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    over = True
+                    return {"type": "http.disconnect"}  # the app stops reading; we answer below
+            return message
+
+        async def guarded_send(message):
+            nonlocal started
+            if over:
+                return  # drop whatever the app answers to a cut-off body
+            started = True
+            await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
+        if over and not started:
+            await self._reply()(scope, receive, send)
+
+
 def create_app(pipeline: Pipeline, loader: ImageLoader | None = None, store: EventStore | None = None) -> FastAPI:
     settings = pipeline.settings
     metrics = Metrics()
     loader = loader or ImageLoader(settings)
     store = store or EventStore(settings.model_dir / "events.sqlite3")
     backend = LabelStudioBackend(pipeline, loader, store, metrics)
+    worker = InferenceWorker(backend, metrics, settings.batch_size, settings.batch_wait_ms / 1000)
+    admitted = {"batch": 0, "interactive": 0}  # requests in flight per lane (touched on the event loop only)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        worker.close()
         loader.close()
         store.close()
 
@@ -61,6 +330,8 @@ def create_app(pipeline: Pipeline, loader: ImageLoader | None = None, store: Eve
     )
     app.state.backend = backend
     app.state.metrics = metrics
+    app.state.worker = worker
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes, metrics=metrics)
 
     user = settings.basic_auth_user
     password = settings.basic_auth_pass.get_secret_value() if settings.basic_auth_pass else None
@@ -76,14 +347,17 @@ def create_app(pipeline: Pipeline, loader: ImageLoader | None = None, store: Eve
             )
         start = time.perf_counter()
         response = await call_next(request)
-        metrics.observe(request.url.path, time.perf_counter() - start)
+        route = request.scope.get("route")  # the route template: unknown paths must not grow /metrics
+        metrics.observe(getattr(route, "path", "other"), time.perf_counter() - start)
         return response
 
     @app.exception_handler(PrelabelError)
     async def prelabel_error(request: Request, exc: PrelabelError):
         metrics.error(exc.kind)
-        log.warning("%s %s: %s", request.method, request.url.path, exc)
-        return JSONResponse(error_body(exc.kind, str(exc)), status_code=exc.status)
+        overloaded = isinstance(exc, OverloadedError)  # counted in /metrics; a line each would flood the log
+        log.log(logging.DEBUG if overloaded else logging.WARNING, "%s %s: %s", request.method, request.url.path, exc)
+        headers = {"Retry-After": str(RETRY_AFTER_S)} if overloaded else None
+        return JSONResponse(error_body(exc.kind, str(exc)), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
@@ -95,11 +369,12 @@ def create_app(pipeline: Pipeline, loader: ImageLoader | None = None, store: Eve
     async def internal_error(request: Request, exc: Exception):
         metrics.error("internal")
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal", f"{type(exc).__name__}: {exc}"), status_code=500)
+        return JSONResponse(error_body("internal", f"unexpected {type(exc).__name__}; see the server log"), status_code=500)
 
+    # /health and /metrics run on the event loop: they answer while every model and pool thread is busy
     @app.get("/")
     @app.get("/health")
-    def health() -> dict:
+    async def health() -> dict:
         return {
             "status": "UP",
             "model_class": "prelabel",
@@ -107,23 +382,45 @@ def create_app(pipeline: Pipeline, loader: ImageLoader | None = None, store: Eve
             "segmenter": pipeline.segmenter.model_id if pipeline.segmenter else None,
         }
 
-    @app.get("/metrics")
-    def get_metrics() -> dict:
+    @app.get("/metrics", responses={200: {"content": {"text/plain": {}}}})
+    async def get_metrics(format: Literal["json", "prometheus"] = "json") -> Response:
+        """JSON by default; `?format=prometheus` for Prometheus' text format."""
         snapshot = metrics.snapshot()
+        snapshot["queue"] = {"admitted": dict(admitted), "capacity": settings.queue_size, "waiting": worker.depth()}
         if pipeline.segmenter is not None:
-            snapshot["embedding_cache"] = pipeline.segmenter.cache_info()
+            cache = pipeline.segmenter.cache_info()
+            lookups = cache.get("hits", 0) + cache.get("misses", 0)
+            snapshot["embedding_cache"] = cache | {"hit_rate": round(cache.get("hits", 0) / lookups, 4) if lookups else 0.0}
         snapshot["webhook_events"] = store.counts()
-        return snapshot
+        if format == "prometheus":
+            return PlainTextResponse(prometheus(snapshot), media_type="text/plain; version=0.0.4")
+        return JSONResponse(snapshot)
 
     @app.post("/setup")
     async def setup(req: SetupRequest) -> dict:
         return await run_in_threadpool(backend.setup, req)
 
-    @app.post("/predict", responses={200: {"model": PredictResponse}})
+    @app.post("/predict", responses={200: {"model": PredictResponse}, 503: {"description": "queue full; see Retry-After"}})
     async def predict(req: PredictRequest) -> Response:
-        # serialised in the worker thread with the C json encoder: a page of brush RLE is megabytes of ints,
+        lane = "interactive" if is_interactive(req) else "batch"
+        if admitted[lane] >= settings.queue_size:
+            raise OverloadedError(
+                f"the {lane} queue is full ({settings.queue_size} requests, PRELABEL_QUEUE_SIZE); retry in {RETRY_AFTER_S} s"
+            )
+        admitted[lane] += 1
+        try:
+            prepared = await run_in_threadpool(backend.prepare, req)
+            if prepared.context is not None:  # fetch here, then the model call jumps the batch queue
+                image = await run_in_threadpool(backend.interactive_image, prepared)
+                results = [await worker.call(lambda: backend.interactive_task(prepared, image))]
+            else:
+                loaded = await run_in_threadpool(backend.load_tasks, prepared.tasks, prepared.config)
+                results = await worker.predict(loaded, prepared.config, prepared.ontology, prepared.version)
+        finally:
+            admitted[lane] -= 1
+        # serialised in a pool thread with the C json encoder: a page of brush RLE is megabytes of ints,
         # which FastAPI's per-element encoder would walk in Python on the event loop
-        body = await run_in_threadpool(lambda: json.dumps(backend.predict(req)).encode())
+        body = await run_in_threadpool(lambda: json.dumps({"results": results}).encode())
         return Response(body, media_type="application/json")
 
     @app.post("/webhook")
