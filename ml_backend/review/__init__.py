@@ -1,0 +1,128 @@
+"""Review adapter (FiftyOne): neutral records -> a persistent dataset with `prelabel` and `ground_truth`, embeddings
+and their map, likely mistakes (evaluation, mistakenness, cleanlab), label statistics, saved views, and the list of
+flagged samples with their links back to the labeling tool. Consumes only `LabeledImage` records."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..images import ImageLoader
+from ..types import LabeledImage
+from .dataset import GT, PRED, BuildReport, build_dataset, configure_fiftyone
+from .stats import LabelStats, label_stats, print_stats, save_plots
+
+log = logging.getLogger(__name__)
+
+VIEWS = ("likely mistakes", "missed by the model", "near duplicates")
+APP_ADDRESS, APP_PORT = "127.0.0.1", 5151
+
+__all__ = ["ReviewReport", "run_review", "launch_app", "configure_fiftyone", "VIEWS"]
+
+
+@dataclass
+class Flagged:
+    key: str
+    link: str | None
+    reasons: list[str]
+
+
+@dataclass
+class ReviewReport:
+    dataset: str
+    build: BuildReport
+    stats: LabelStats
+    evaluation: dict = field(default_factory=dict)  # per class precision/recall/f1/support
+    flagged: list[Flagged] = field(default_factory=list)
+    duplicates: list[list[str]] = field(default_factory=list)  # groups of keys
+    views: dict[str, int] = field(default_factory=dict)  # saved view -> samples
+    visualization: str | None = None  # method used for the object map
+    plots: list[Path] = field(default_factory=list)
+
+
+def _save_views(dataset, duplicate_ids: list[str]) -> dict[str, int]:
+    from fiftyone import ViewField as F
+
+    views = {
+        "likely mistakes": dataset.match(F("label_issues") > 0).sort_by("label_quality"),
+        "missed by the model": dataset.filter_labels(GT, F("eval") == "fn")
+        if dataset.has_field(f"{GT}.detections.eval") else dataset.limit(0),
+        "near duplicates": dataset.select(duplicate_ids),
+    }
+    if not dataset.has_field("label_issues"):
+        views["likely mistakes"] = dataset.limit(0)
+    counts = {}
+    for name, view in views.items():
+        if dataset.has_saved_view(name):
+            dataset.delete_saved_view(name)
+        dataset.save_view(name, view)
+        counts[name] = len(view)
+    return counts
+
+
+def run_review(records: list[LabeledImage], name: str, cache_dir: Path, loader: ImageLoader | None = None,
+               embedder=None, plots_dir: Path | None = None, viz_method: str = "umap",
+               overwrite: bool = False, prune: bool = False, console=None) -> ReviewReport:
+    """Build or refresh dataset `name` from `records` and run every check. `embedder` (an `EncoderEmbedder`) enables
+    the object map, uniqueness and near duplicates."""
+    from . import mistakes
+
+    dataset, build = build_dataset(records, name, cache_dir, loader, overwrite, prune)
+    stats = label_stats(records)
+    report = ReviewReport(dataset=name, build=build, stats=stats)
+    if console is not False:
+        print_stats(stats, console)
+    if plots_dir is not None:
+        report.plots = save_plots(stats, plots_dir)
+    report.evaluation = mistakes.evaluate(dataset)
+    mistakes.mistakenness(dataset)
+    mistakes.store_label_issues(dataset)
+    duplicate_ids: list[str] = []
+    if embedder is not None:
+        from .embeddings import compute_embeddings, image_level, visualize
+
+        fields = tuple(f for f in (GT, PRED) if dataset.has_field(f))
+        images, patches = compute_embeddings(dataset, embedder, fields)
+        report.visualization = visualize(dataset, GT, patches[GT], viz_method) if GT in patches else None
+        if PRED in patches:
+            visualize(dataset, PRED, patches[PRED], viz_method)
+        groups = image_level(dataset, images)
+        key_of = dict(zip(dataset.values("id"), dataset.values("key")))
+        report.duplicates = [[key_of[i] for i in g] for g in groups]
+        duplicate_ids = sorted({i for g in groups for i in g})
+    report.views = _save_views(dataset, duplicate_ids)
+    reasons: dict[str, list[str]] = {}
+    for view_name in VIEWS:
+        for key in dataset.load_saved_view(view_name).values("key"):
+            reasons.setdefault(key, []).append(view_name)
+    links = dict(zip(dataset.values("key"), dataset.values("task_link")))
+    report.flagged = [Flagged(k, links.get(k), r) for k, r in sorted(reasons.items())]
+    return report
+
+
+def print_report(report: ReviewReport, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    if report.evaluation:
+        table = Table(title="prelabel vs ground_truth (IoU 0.5)")
+        for col in ("class", "precision", "recall", "f1", "support"):
+            table.add_column(col, justify="left" if col == "class" else "right")
+        for cls, m in report.evaluation.items():
+            if isinstance(m, dict) and "precision" in m:
+                table.add_row(cls, f"{m['precision']:.2f}", f"{m['recall']:.2f}", f"{m['f1-score']:.2f}",
+                              str(int(m["support"])))
+        console.print(table)
+    console.print("views: " + ", ".join(f"{n!r} {c}" for n, c in report.views.items()))
+    for f in report.flagged:
+        console.print(f"  {f.key}: {', '.join(f.reasons)}  {f.link or ''}")
+
+
+def launch_app(name: str, address: str = APP_ADDRESS, port: int = APP_PORT) -> None:
+    """Serve the FiftyOne App on `address:port` until interrupted."""
+    import fiftyone as fo
+
+    session = fo.launch_app(fo.load_dataset(name), address=address, port=port, remote=True)
+    session.wait(-1)
