@@ -77,6 +77,7 @@ def write_tiny_segmenter(out: Path, seed: int = 0) -> Path:
         vision_config=SamVisionConfig(
             hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=4, image_size=64,
             patch_size=16, window_size=2, global_attn_indexes=[1], mlp_dim=64, num_pos_feats=16,
+            initializer_range=0.02,  # the default 1e-10 gives all-zero (subnormal) image features
         ),
         prompt_encoder_config=SamPromptEncoderConfig(hidden_size=32, image_size=64, patch_size=16, mask_input_channels=4),
         mask_decoder_config=SamMaskDecoderConfig(
