@@ -25,7 +25,7 @@ def run_up(images, data_dir, port, backend_port):
                "--prompts", str(prompts),
                "--backend-port", str(backend_port), "--data-dir", str(data_dir)]
     process = subprocess.Popen(command, env=os.environ | {"HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
     deadline = time.time() + 300
     for line in process.stdout:
@@ -38,7 +38,11 @@ def run_up(images, data_dir, port, backend_port):
 
 def stop(process, lines):
     process.send_signal(signal.SIGINT)
-    rest, _ = process.communicate(timeout=150)  # stops Label Studio too; slow on a loaded 2-core machine
+    try:
+        rest, _ = process.communicate(timeout=150)  # stops Label Studio too; slow on a loaded 2-core machine
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)  # never leave Label Studio running behind a failed test
+        raise
     assert process.returncode == 0, "".join(lines) + rest
 
 
