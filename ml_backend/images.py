@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode, urljoin, urlsplit, urlunsplit
 
+import httpcore
 import httpx
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -156,6 +157,11 @@ class UrlGuard:
                     self.names.add(entry)
         self.label_studio: tuple[str, str, int | None] | None = None
         self._ls_addresses: frozenset[str] | None = None
+        self._pins: dict[tuple[str, int], list[str]] = {}  # (host, port) -> the addresses a check accepted
+
+    def pinned(self, host: str, port: int) -> list[str]:
+        """The addresses last checked for `host`: connections go there, never to a fresh DNS answer."""
+        return self._pins.get((host.lower(), port), [])
 
     def set_label_studio(self, url: str | None) -> None:
         self.label_studio = _origin(url) if url else None
@@ -167,10 +173,13 @@ class UrlGuard:
     def _ls_address_set(self) -> frozenset[str]:
         """Label Studio's addresses, resolved once."""
         if self._ls_addresses is None and self.label_studio:
+            scheme, host, port = self.label_studio
+            port = port or (443 if scheme == "https" else 80)
             try:
-                self._ls_addresses = frozenset(self.resolver(self.label_studio[1], self.label_studio[2] or 80))
+                self._ls_addresses = frozenset(self.resolver(host, port))
             except OSError:
                 return frozenset()
+            self._pins[(host, port)] = sorted(self._ls_addresses)
         return self._ls_addresses or frozenset()
 
     def _explicitly_allowed(self, host: str, addresses) -> bool:
@@ -193,12 +202,14 @@ class UrlGuard:
             return None
         if host in self.names or any(host.endswith(s) for s in self.suffixes):
             return None
+        port = port or (443 if scheme == "https" else 80)
         try:
-            addresses = self.resolver(host, port or 80)
+            addresses = self.resolver(host, port)
         except OSError as exc:
             return f"host {host} does not resolve ({exc})"
         if not addresses:
             return f"host {host} does not resolve"
+        self._pins[(host, port)] = list(addresses)  # only used when this check lets the URL through
         if self._explicitly_allowed(host, addresses):
             return None
         ls_machine = set(map(_same_machine, self._ls_address_set()))
@@ -223,6 +234,24 @@ class UrlGuard:
                 f"image {redact(source)} ({redact(url)}{hop}) could not be fetched: refused, {reason}; images are "
                 f"fetched only from the Label Studio host, PRELABEL_ALLOWED_HOSTS and cloud presign redirects"
             )
+
+
+class PinnedBackend(httpcore.SyncBackend):
+    """Opens TCP connections to the addresses the guard checked for the host (no second DNS lookup, so no DNS
+    rebinding between the check and the connection); TLS still verifies the certificate for the host name."""
+
+    def __init__(self, guard: UrlGuard):
+        self.guard = guard
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        addresses = self.guard.pinned(host, port) or [host]  # hosts allowed by name are not resolved by the guard
+        error: Exception | None = None
+        for address in addresses:
+            try:
+                return super().connect_tcp(address, port, timeout, local_address, socket_options)
+            except httpcore.ConnectError as exc:
+                error = exc
+        raise error
 
 
 def _same_machine(address: str) -> str:
@@ -289,8 +318,10 @@ def _detail(response: httpx.Response) -> str:
 class ImageLoader:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.client = httpx.Client(timeout=settings.download_timeout, follow_redirects=False)  # hops checked by us
         self.guard = UrlGuard(settings.allowed_hosts)
+        transport = httpx.HTTPTransport()
+        transport._pool._network_backend = PinnedBackend(self.guard)  # httpx has no public hook for it
+        self.client = httpx.Client(timeout=settings.download_timeout, follow_redirects=False, transport=transport)  # hops checked by us
         self.pool = ThreadPoolExecutor(settings.fetch_workers, thread_name_prefix="fetch")
         self._auth: LabelStudioAuth | None = None
         self._ls_url: str | None = None

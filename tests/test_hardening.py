@@ -455,3 +455,19 @@ def _quiet_post(url: str, tasks: list) -> None:
 def test_redact_masks_userinfo_and_signature_parameters():
     assert redact("https://u:p@b.example/k.png?X-Amz-Signature=abc&w=1") == "https://b.example/k.png?X-Amz-Signature=***&w=1"
     assert redact("data:image/png;base64,AAAA") == "data:image/png;base64,AAAA"
+
+
+def test_connections_go_to_the_addresses_the_guard_checked(ls_host, image_dir):
+    """No DNS rebinding: the name is resolved once, by the guard, and the connection goes to what it accepted.
+    `images.test` resolves only in the guard's resolver, so the fetch works only if that answer is used."""
+    loader = ImageLoader(Settings(allowed_hosts=["127.0.0.1/32"], download_timeout=5))
+    loader.guard.resolver = lambda host, port: ["127.0.0.1"] if host == "images.test" else []
+    try:
+        port = int(ls_host.url.rsplit(":", 1)[1])
+        image = loader.load(f"http://images.test:{port}/public/img1.png")
+        assert image.width == 120 and loader.guard.pinned("images.test", port) == ["127.0.0.1"]
+        loader.guard.resolver = lambda host, port: ["169.254.169.254"]  # the name now rebinds to cloud metadata
+        with pytest.raises(ImageBlockedError, match="169.254.169.254, a link-local address"):
+            loader.load(f"http://images.test:{port}/public/img1.png")
+    finally:
+        loader.close()
