@@ -317,6 +317,7 @@ def review(
     name: Optional[str] = typer.Option(None, help="FiftyOne dataset (default: prelabel-project-ID or prelabel-FILE)."),
     out: Optional[Path] = typer.Option(None, help="Plots, flagged.json and the image cache (default: MODEL_DIR/review/NAME)."),
     embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings", help="Object map, uniqueness and near duplicates from the pipeline's image encoder."),
+    embedding_model: Optional[str] = typer.Option(None, help="A CLIP/SigLIP model (hub id or local directory) to embed images and objects with, instead of the pipeline's encoder."),
     segmenter: Optional[str] = typer.Option(None, help="The SAM whose image encoder gives embeddings: hub id, local directory or 'none'."),
     detector: Optional[str] = typer.Option(None, help="With --segmenter none: the detector whose backbone gives embeddings."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
@@ -372,7 +373,11 @@ def review(
             from .review.embeddings import make_embedder
 
             torch_device = pick_device(settings.device)
-            if settings.segmenter:  # SAM's image encoder, else the detector's backbone
+            if embedding_model:
+                from .review.embeddings import ClipEmbedder
+
+                embedder = ClipEmbedder(embedding_model, settings.model_dir, torch_device)
+            elif settings.segmenter:  # SAM's image encoder, else the detector's backbone
                 embedder = make_embedder(segmenter=build_segmenter(settings.segmenter, settings.model_dir, torch_device))
             else:
                 embedder = make_embedder(detector=build_detector(settings.detector, settings.model_dir, torch_device))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from benchmarks.review import synthetic_records
@@ -386,15 +387,7 @@ def test_label_statistics_on_a_known_dataset_and_plots(tmp_path, capsys):
 # -- the command ---------------------------------------------------------------------------------------------------
 
 
-def _has_review_command() -> bool:
-    from ml_backend.cli import app
-
-    return "review" in {c.name or c.callback.__name__ for c in app.registered_commands}
-
-
 def test_the_review_command_reads_a_cvat_export_and_writes_flagged_tasks_and_plots(images, tiny_models, tmp_path):
-    if not _has_review_command():
-        pytest.skip("`prelabel review` is not registered in ml_backend/cli.py yet")
     from typer.testing import CliRunner
 
     from ml_backend.cli import app
@@ -412,8 +405,6 @@ def test_the_review_command_reads_a_cvat_export_and_writes_flagged_tasks_and_plo
 
 
 def test_the_review_command_names_a_missing_source(tmp_path):
-    if not _has_review_command():
-        pytest.skip("`prelabel review` is not registered in ml_backend/cli.py yet")
     from typer.testing import CliRunner
 
     from ml_backend.cli import app
@@ -422,3 +413,22 @@ def test_the_review_command_names_a_missing_source(tmp_path):
     assert result.exit_code == 2 and "--coco and --cvat need --images DIR" in result.output
     result = CliRunner().invoke(app, ["review", "--coco", str(tmp_path / "gt.json"), "--images", str(tmp_path)])
     assert result.exit_code == 2 and "cannot read COCO file" in result.output
+
+
+def test_a_configured_clip_model_embeds_images_and_object_crops(images, tmp_path):
+    from typer.testing import CliRunner
+
+    from ml_backend.cli import app
+    from ml_backend.models.tiny import write_tiny_clip
+    from ml_backend.review.embeddings import ClipEmbedder
+
+    clip = write_tiny_clip(tmp_path / "clip")
+    embedder = ClipEmbedder(str(clip), tmp_path, torch.device("cpu"))
+    image = np.array(make_image(80, 60, seed=2))
+    whole, objects = embedder(image, np.array([[0, 0, 40, 30], [70, 50, 80, 60], [79.5, 59.5, 80, 60]], np.float32))
+    assert whole.shape == (8,) and objects.shape == (3, 8)
+    assert np.allclose(np.linalg.norm(objects, axis=1), 1, atol=1e-5) and not np.allclose(objects[0], objects[1])
+    xml = cvat_xml(tmp_path / "annotations.xml")
+    result = CliRunner().invoke(app, ["review", "--cvat", str(xml), "--images", str(images), "--out", str(tmp_path / "out"),
+                                      "--name", unique("cli-clip"), "--embedding-model", str(clip), "--viz", "pca"])
+    assert result.exit_code == 0, result.output

@@ -93,6 +93,24 @@ def write_tiny_segmenter(out: Path, seed: int = 0) -> Path:
     return out
 
 
+def write_tiny_clip(out: Path, seed: int = 0) -> Path:
+    """A tiny random CLIP (image and text towers) with its image processor, e.g. for review embeddings."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=len(WORDS) + 200, max_position_embeddings=16, bos_token_id=0, eos_token_id=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8,
+    )
+    CLIPModel(config).eval().save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    return out
+
+
 def write_tiny_models(out: Path, seed: int = 0) -> dict[str, Path]:
     out = Path(out)
     return {

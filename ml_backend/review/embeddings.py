@@ -1,5 +1,6 @@
 """Embeddings from the pipeline's own image encoder (SAM's), so nothing is downloaded: per object, the encoder's
 feature map ROI-aligned over the box (2x2 cells); per image, the feature map averaged over the image (no padding).
+Or, when configured, a CLIP/SigLIP model's image tower on the image and on each object's crop.
 Then FiftyOne Brain's visualization (UMAP), uniqueness and near duplicates, always with `embeddings=` given."""
 
 from __future__ import annotations
@@ -72,6 +73,44 @@ class BackboneEmbedder:
         rois = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4)) * scale
         pooled = roi_align(feats, [rois], output_size=ROI, spatial_scale=1.0, sampling_ratio=2, aligned=True)
         return _normalise(feats[0].mean(dim=(1, 2)).numpy()[None])[0], _normalise(pooled.flatten(1).numpy())
+
+
+class ClipEmbedder:
+    """A configured CLIP or SigLIP model (hub id or local directory, e.g. openai/clip-vit-base-patch32 or
+    google/siglip-base-patch16-224): the whole image, and each object's crop, through its image tower."""
+
+    BATCH = 32  # crops per forward pass
+
+    def __init__(self, ref: str, model_dir, device: torch.device):
+        from transformers import AutoImageProcessor, AutoModel
+
+        from ..models.loading import resolve_model
+
+        path = resolve_model(ref, model_dir)
+        self.model = AutoModel.from_pretrained(path).to(device).eval()
+        if not hasattr(self.model, "get_image_features"):
+            raise ConfigError(f"embedding model {ref!r} ({type(self.model).__name__}) has no image tower: use a CLIP or SigLIP model")
+        self.processor, self.device = AutoImageProcessor.from_pretrained(path), device
+
+    @torch.inference_mode()
+    def _embed(self, images: list[np.ndarray]) -> np.ndarray:
+        out = []
+        for start in range(0, len(images), self.BATCH):
+            inputs = self.processor(images=images[start : start + self.BATCH], return_tensors="pt").to(self.device)
+            features = self.model.get_image_features(**inputs)
+            features = getattr(features, "pooler_output", features)  # transformers 5 returns a model output
+            out.append(features.float().cpu().numpy())
+        return _normalise(np.concatenate(out))
+
+    def __call__(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        h, w = image.shape[:2]
+        crops = []
+        for x1, y1, x2, y2 in np.asarray(boxes, np.float32).reshape(-1, 4):
+            x1, y1 = int(np.clip(np.floor(x1), 0, w - 1)), int(np.clip(np.floor(y1), 0, h - 1))
+            x2, y2 = int(np.clip(np.ceil(x2), x1 + 1, w)), int(np.clip(np.ceil(y2), y1 + 1, h))
+            crops.append(image[y1:y2, x1:x2])
+        embedded = self._embed([image, *crops])
+        return embedded[0], embedded[1:]
 
 
 def make_embedder(segmenter=None, detector=None):
