@@ -66,8 +66,9 @@ def ray_engine(
     batch_size: int = 4,
 ) -> Engine:
     """An `engine(todo, config_xml, sink, report)` for `annotate_project`: `actors` Ray actors with `cpus_per_actor`
-    CPUs (torch threads) and `gpus_per_actor` GPUs each, `batch_size` tasks per call. Uses the Ray at `address`
-    (`auto`, `ray://host:10001`), else the Ray already initialised in this process, else a local one for the run."""
+    CPUs (torch threads) and `gpus_per_actor` GPUs each, `batch_size` tasks per call. Runs on the Ray already
+    initialised in this process, else on the cluster at `address` (`auto`, `HEAD:6379`, `ray://HEAD:10001`), else on a
+    local Ray started for the run (and shut down after it)."""
     try:
         import ray
         import ray.data
@@ -81,19 +82,22 @@ def ray_engine(
     def run(todo: list[dict], config_xml: str, sink: Sink, report: Report) -> None:
         by_id = {task["id"]: task for task in todo}
         rows = [{"id": task["id"], "data": json.dumps(task["data"])} for task in todo]  # JSON: Arrow keeps it as is
-        results = ray.data.from_items(rows, override_num_blocks=math.ceil(len(rows) / batch_size)).map_batches(
+        blocks = math.ceil(len(rows) / batch_size)  # one block per actor call
+        results = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
             Predictor,
             fn_constructor_args=(settings, config_xml, max(1, int(cpus_per_actor))),
             batch_size=batch_size,
             batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=actors),
+            compute=ray.data.ActorPoolStrategy(size=min(actors, blocks)),  # no idle actors
             num_cpus=cpus_per_actor,
             num_gpus=gpus_per_actor,
             runtime_env={"env_vars": env} if env else None,
         )
         with progress_bar("pre-annotating (ray)") as progress:
             bar = progress.add_task("pre-annotating", total=report.total)
-            batches = iter(results.iter_batches(batch_size=None, batch_format="numpy"))  # one block per actor call
+            # each block as soon as an actor returns it: with prefetching, Ray Data holds a block back until the next
+            # one is ready, which would delay pushes (and lose a finished batch on Ctrl-C)
+            batches = iter(results.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=0))
             try:
                 for out in batches:
                     stray = {str(v) for v in out["version"]} - {report.model_version}
