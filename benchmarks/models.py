@@ -18,8 +18,9 @@ def _cached(out: Path) -> bool:
     return (out / DONE).exists()
 
 
-def write_detector(out: Path, seed: int = 0) -> Path:
-    """Grounding DINO-T: `GroundingDinoConfig()` defaults (Swin-T + BERT-base), real processor sizes."""
+def write_detector(out: Path, seed: int = 0, make_config=None, image_sizes: dict | None = None) -> Path:
+    """Grounding DINO-T by default: `GroundingDinoConfig()` (Swin-T + BERT-base), real processor sizes. Or the
+    config `make_config(tokenizer)` returns, with `image_sizes` for the image processor."""
     if _cached(out):
         return out
     from transformers import (
@@ -34,8 +35,10 @@ def write_detector(out: Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = BertTokenizerFast(vocab=str(write_vocab(Path(tmp) / "vocab.txt")), do_lower_case=True)
-    AutoModelForZeroShotObjectDetection.from_config(GroundingDinoConfig()).eval().save_pretrained(out)
-    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(), tokenizer=tokenizer).save_pretrained(out)
+    config = make_config(tokenizer) if make_config else GroundingDinoConfig()
+    AutoModelForZeroShotObjectDetection.from_config(config).eval().save_pretrained(out)
+    image_processor = GroundingDinoImageProcessor(**({"size": image_sizes} if image_sizes else {}))
+    GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     (out / DONE).touch()
     return out
 

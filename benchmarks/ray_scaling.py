@@ -14,26 +14,23 @@ import datetime
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from .run import machine  # sets HF_HUB_OFFLINE before transformers is imported
 
 import ray  # noqa: E402
-import torch  # noqa: E402
 
 from ml_backend.engines.ray_engine import ray_engine  # noqa: E402
 from ml_backend.labelstudio.annotate import local_files_ref  # noqa: E402
 from ml_backend.labelstudio.backend import LabelStudioBackend  # noqa: E402
 from ml_backend.labelstudio.config import parse_config  # noqa: E402
-from ml_backend.models.tiny import write_vocab  # noqa: E402
 from ml_backend.pipeline import Pipeline  # noqa: E402
 from ml_backend.runner import Report  # noqa: E402
 from ml_backend.settings import Settings  # noqa: E402
 
 from .harness import make_image  # noqa: E402
-from .models import DONE  # noqa: E402
+from .models import write_detector  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CACHE = HERE / "results" / ".cache"
@@ -50,36 +47,21 @@ def write_mid_detector(out: Path, embed_dim: int = 64, d_model: int = 128, short
                        long_edge: int = 512, seed: int = 0) -> Path:
     """A scaled-down Grounding DINO (Swin with `embed_dim`, 2-layer BERT, 3+3 transformer layers of `d_model`), random
     weights, images resized to `short_edge`/`long_edge`: ~13 M parameters, ~0.75 s per 640x480 image on one thread."""
-    if (out / DONE).exists():
-        return out
-    from transformers import (
-        AutoModelForZeroShotObjectDetection,
-        BertTokenizerFast,
-        GroundingDinoConfig,
-        GroundingDinoImageProcessor,
-        GroundingDinoProcessor,
-        SwinConfig,
-    )
+    from transformers import GroundingDinoConfig, SwinConfig
 
-    torch.manual_seed(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = BertTokenizerFast(vocab=str(write_vocab(Path(tmp) / "vocab.txt")), do_lower_case=True)
-    backbone = SwinConfig(window_size=7, embed_dim=embed_dim, depths=[2, 2, 2, 2],
-                          num_heads=[embed_dim // 32 * k for k in (1, 2, 4, 8)],
-                          out_features=["stage2", "stage3", "stage4"], out_indices=[2, 3, 4])
-    text = dict(model_type="bert", vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2,
-                num_attention_heads=2, intermediate_size=512, max_position_embeddings=256)
-    config = GroundingDinoConfig(
-        backbone_config=backbone, text_config=text, d_model=d_model, encoder_layers=3, decoder_layers=3,
-        encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=4 * d_model,
-        decoder_ffn_dim=4 * d_model, num_queries=100, num_feature_levels=4,
-    )
-    AutoModelForZeroShotObjectDetection.from_config(config).eval().save_pretrained(out)
-    image_processor = GroundingDinoImageProcessor(size={"shortest_edge": short_edge, "longest_edge": long_edge})
-    GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
-    (out / DONE).touch()
-    return out
+    def config(tokenizer):
+        backbone = SwinConfig(window_size=7, embed_dim=embed_dim, depths=[2, 2, 2, 2],
+                              num_heads=[embed_dim // 32 * k for k in (1, 2, 4, 8)],
+                              out_features=["stage2", "stage3", "stage4"], out_indices=[2, 3, 4])
+        text = dict(model_type="bert", vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=2,
+                    num_attention_heads=2, intermediate_size=512, max_position_embeddings=256)
+        return GroundingDinoConfig(
+            backbone_config=backbone, text_config=text, d_model=d_model, encoder_layers=3, decoder_layers=3,
+            encoder_attention_heads=8, decoder_attention_heads=8, encoder_ffn_dim=4 * d_model,
+            decoder_ffn_dim=4 * d_model, num_queries=100, num_feature_levels=4,
+        )
+
+    return write_detector(out, seed, config, {"shortest_edge": short_edge, "longest_edge": long_edge})
 
 
 def steady_throughput(sinks: list[tuple[float, int]], actors: int) -> tuple[float, int, float]:

@@ -53,3 +53,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [h for h in value.replace(",", " ").split() if h]
         return value
+
+
+def environment_variables() -> set[str]:
+    """Every environment variable the settings read."""
+    names: set[str] = set()
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        names |= set(alias.choices) if alias is not None else {f"PRELABEL_{name.upper()}"}
+    return names

@@ -30,7 +30,7 @@ from ml_backend.cvat.serverless import SHAPE_ENV, DetectorFunction
 from ml_backend.errors import ConfigError
 from ml_backend.ontology import PromptsFile
 from ml_backend.pipeline import Pipeline
-from ml_backend.settings import Settings
+from ml_backend.settings import Settings, environment_variables
 
 from .conftest import encode, make_image
 
@@ -217,14 +217,6 @@ def test_interactor_answers_bad_bodies_with_400_naming_the_problem(interactor, b
 # --- function.yaml, prelabel cvat spec, deploy.sh ----------------------------------------------------------------
 
 
-def settings_variables() -> set[str]:
-    names = set()
-    for name, field in Settings.model_fields.items():
-        alias = field.validation_alias
-        names |= set(alias.choices) if alias is not None else {f"PRELABEL_{name.upper()}"}
-    return names
-
-
 @pytest.mark.parametrize("function, kind", [("grounding_dino", "detector"), ("sam", "interactor")])
 def test_function_yamls_are_what_cvat_and_nuclio_read(function, kind):
     cpu, gpu = function_yaml(function), function_yaml(function, "function-gpu.yaml")
@@ -233,7 +225,7 @@ def test_function_yamls_are_what_cvat_and_nuclio_read(function, kind):
         assert annotations["type"] == kind and doc["metadata"]["namespace"] == "cvat"
         assert doc["spec"]["handler"] == "main:handler" and doc["spec"]["runtime"].startswith("python:3.1")
         env = {e["name"]: str(e["value"]) for e in doc["spec"]["env"]}
-        assert set(env) <= settings_variables() | {SHAPE_ENV}
+        assert set(env) <= environment_variables() | {SHAPE_ENV}
         fetch = [d["value"] for d in doc["spec"]["build"]["directives"]["postCopy"] if d["kind"] == "RUN"]
         assert len(fetch) == 1 and fetch[0].startswith("prelabel fetch")
         if kind == "interactor":

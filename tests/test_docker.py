@@ -12,18 +12,10 @@ import typer
 import yaml
 
 from ml_backend.cli import app
-from ml_backend.settings import Settings
+from ml_backend.settings import environment_variables
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 HUB_VARIABLES = {"HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT", "PYTHONUNBUFFERED", "PIP_NO_CACHE_DIR"}
-
-
-def settings_variables() -> set[str]:
-    names = set()
-    for name, field in Settings.model_fields.items():
-        alias = field.validation_alias
-        names |= set(alias.choices) if alias is not None else {f"PRELABEL_{name.upper()}"}
-    return names
 
 
 def serve_options() -> set[str]:
@@ -46,7 +38,7 @@ def test_dockerfiles_serve_on_the_exposed_port_with_real_flags_and_settings(name
     assert f"EXPOSE {port}" in text
     for line in re.findall(r"^ENV (.*)$", text, re.M):
         names = {pair.split("=")[0] for pair in line.split()}
-        assert names <= settings_variables() | HUB_VARIABLES, names
+        assert names <= environment_variables() | HUB_VARIABLES, names
     assert "/app/prompts/example.yaml" in cmd and "COPY prompts prompts" in text
     assert ("--device" in cmd) == (name == "Dockerfile.gpu")
 
@@ -57,7 +49,7 @@ def test_compose_wires_label_studio_and_the_backend_together():
     port = check_serve_command(backend["command"])
     assert f"{port}:{port}" in backend["ports"]
     env = backend["environment"]
-    assert set(env) <= settings_variables() | HUB_VARIABLES
+    assert set(env) <= environment_variables() | HUB_VARIABLES
     studio_port = studio["ports"][0].split(":")[1]
     assert env["LABEL_STUDIO_URL"] == f"http://label-studio:{studio_port}"
     assert studio["environment"]["LABEL_STUDIO_USER_TOKEN"].startswith("${LABEL_STUDIO_API_KEY")
