@@ -83,6 +83,12 @@ def mask_to_polygons(mask: np.ndarray, width: int, height: int) -> list[list[lis
     return [[[100.0 * x / width, 100.0 * y / height] for x, y in poly.tolist()] for poly in polygons if len(poly) >= 3]
 
 
+def polygon_to_mask(points: list[list[float]], width: int, height: int) -> np.ndarray:
+    """Label Studio polygon points (percent) as a full-size boolean mask."""
+    pixels = np.array([[x * width / 100.0, y * height / 100.0] for x, y in points], np.float64)
+    return sv.polygon_to_mask(np.round(pixels).astype(int), (width, height)).astype(bool)
+
+
 def _region(control: Control, width: int, height: int, value: dict, score: float | None) -> dict:
     region = {
         "id": region_id(),

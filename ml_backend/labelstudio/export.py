@@ -14,7 +14,7 @@ from ..errors import ConfigError
 from ..types import LabeledImage
 from .annotate import ProjectError, open_project
 from .config import parse_config
-from .convert import percent_to_box, rle_to_mask
+from .convert import percent_to_box, polygon_to_mask, rle_to_mask
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +29,6 @@ def task_link(url: str, project_id: int, task_id: int) -> str:
 def _plain(obj: Any) -> Any:
     """SDK objects (pydantic) or dicts, as dicts."""
     return obj.model_dump() if hasattr(obj, "model_dump") else obj
-
-
-def polygon_to_mask(points: list[list[float]], width: int, height: int) -> np.ndarray:
-    """Label Studio polygon points (percent) as a full-size boolean mask."""
-    pixels = np.array([[x * width / 100.0, y * height / 100.0] for x, y in points], np.float64)
-    return sv.polygon_to_mask(np.round(pixels).astype(int), (width, height)).astype(bool)
 
 
 def mask_box(mask: np.ndarray) -> np.ndarray:
