@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,7 @@ from ml_backend.review.dataset import configure_fiftyone, stop_database
 from ml_backend.review.stats import label_stats, print_stats, save_plots
 from ml_backend.types import LabeledImage, make_detections
 
-from .conftest import LEGACY_TOKEN, encode, make_image
+from .conftest import LEGACY_TOKEN, encode, free_port, make_image
 
 pytest.importorskip("fiftyone", reason="FiftyOne is installed by the project's review extra")
 
@@ -337,6 +339,24 @@ def test_injected_label_errors_fill_the_views_and_the_flagged_links(embedder, tm
     viz = dataset.load_brain_results("ground_truth_viz")
     assert viz.points.shape == (dataset.count("ground_truth.detections"), 2)
     assert len(report.plots) == 4 and all(p.read_bytes()[:4] == b"\x89PNG" for p in report.plots)
+    # what --app serves: the App on loopback, showing this dataset
+    from ml_backend.review import open_app
+
+    port = free_port()
+    session = open_app(name, "127.0.0.1", port)
+    try:
+        assert session.dataset.name == name
+        deadline = time.time() + 60
+        while True:
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
+                break
+            except httpx.HTTPError:
+                assert time.time() < deadline, "the FiftyOne App did not answer"
+                time.sleep(0.5)
+        assert page.status_code == 200 and "<html" in page.text.lower()
+    finally:
+        fo.close_app()
 
 
 def test_the_detector_backbone_embeds_objects_when_there_is_no_sam(base_pipeline, tmp_path):

@@ -120,9 +120,13 @@ def print_report(report: ReviewReport, console=None) -> None:
         console.print(f"  {f.key}: {', '.join(f.reasons)}  {f.link or ''}")
 
 
-def launch_app(name: str, address: str = APP_ADDRESS, port: int = APP_PORT) -> None:
-    """Serve the FiftyOne App on `address:port` until interrupted."""
+def open_app(name: str, address: str = APP_ADDRESS, port: int = APP_PORT):
+    """The FiftyOne App serving dataset `name` (with its saved views) on `address:port`; returns its session."""
     import fiftyone as fo
 
-    session = fo.launch_app(fo.load_dataset(name), address=address, port=port, remote=True)
-    session.wait(-1)
+    return fo.launch_app(fo.load_dataset(name), address=address, port=port, remote=True)
+
+
+def launch_app(name: str, address: str = APP_ADDRESS, port: int = APP_PORT) -> None:
+    """Serve the FiftyOne App on `address:port` until interrupted."""
+    open_app(name, address, port).wait(-1)
