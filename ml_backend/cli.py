@@ -407,6 +407,47 @@ def review(
 
 
 @app.command()
+def effort(
+    project: int = typer.Option(..., help="Label Studio project id."),
+    url: Optional[str] = typer.Option(None, help="Label Studio address (LABEL_STUDIO_URL)."),
+    api_key: Optional[str] = typer.Option(None, help="Label Studio API key (LABEL_STUDIO_API_KEY)."),
+    model_version: Optional[str] = typer.Option(None, help="Predictions of this model version (default: the project's, else the newest)."),
+    iou: float = typer.Option(0.9, help="IoU at or above which a matched box counts as not moved."),
+    weight: Optional[list[str]] = typer.Option(None, help="Edit cost KIND=VALUE (add, move, relabel, delete, keep), repeatable; defaults add=1 move=0.5 relabel=0.2 delete=0.1 keep=0."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the numbers as JSON here."),
+):
+    """Effort saved by pre-annotation: per task, the edits from the stored predictions to the final annotation
+    (kept, relabelled, moved, deleted, added) against drawing every box from scratch; per label and overall."""
+    import json
+
+    from label_studio_sdk.core.api_error import ApiError
+    from rich.console import Console
+
+    from .distill.effort import EffortError, EffortWeights, print_effort, records_effort
+    from .labelstudio.export import project_records
+
+    try:
+        weights = EffortWeights.parse(weight)
+        if not 0 < iou <= 1:
+            raise EffortError(f"--iou {iou}: use a number in (0, 1]")
+        settings, client = _label_studio_client(url, api_key)
+        records = project_records(client, project, settings.label_studio_url, model_version)
+        report = records_effort(records, iou, weights)
+    except PrelabelError as exc:
+        raise _fail(exc) from None
+    except ApiError as exc:
+        raise _fail(PrelabelError(f"Label Studio answered {exc.status_code}: {exc.body}")) from None
+    versions = sorted({r.model_version for r in records if r.model_version})
+    print_effort(report, Console(width=160), title=f"project {project} ({', '.join(versions) or 'no predictions'})")
+    saved = report.saved
+    typer.echo(f"effort saved: {'n/a' if saved is None else f'{100 * saved:.1f} %'}")
+    if json_path is not None:
+        doc = {"project": project, "model_versions": versions} | report.as_dict()
+        json_path.write_text(json.dumps(doc, indent=2) + "\n")
+        typer.echo(f"numbers written to {json_path}")
+
+
+@app.command()
 def fetch(
     prompts: Optional[Path] = typer.Option(None, help="Prompts file: its detector/segmenter are fetched."),
     detector: Optional[str] = typer.Option(None, help="Detector: hub id or local directory, or 'none'."),

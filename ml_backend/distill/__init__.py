@@ -1,0 +1,1 @@
+"""Distillation: dataset export, training, evaluation, ONNX export, and the labelling-effort measure."""
