@@ -41,8 +41,10 @@ def stop(process, lines):
     try:
         rest, _ = process.communicate(timeout=150)  # stops Label Studio too; slow on a loaded 2-core machine
     except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)  # up's faulthandler: where is it stuck?
+        time.sleep(2)
         os.killpg(process.pid, signal.SIGKILL)  # never leave Label Studio running behind a failed test
-        raise
+        pytest.fail("prelabel up did not stop on Ctrl-C:\n" + "".join(lines) + process.stdout.read())
     assert process.returncode == 0, "".join(lines) + rest
 
 
