@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -129,10 +127,11 @@ def up(
         if not all((p / "config.json").exists() for p in paths.values()):
             paths = write_tiny_models(tiny)
         overrides |= {"detector": str(paths["detector"]), "segmenter": str(paths["segmenter"])}
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop cleanly on SIGTERM as on Ctrl-C
+    # stop cleanly on Ctrl-C and SIGTERM, also when started in the background (where SIGINT starts out ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack on stderr
     studio = backend = None
-    stopped = False
     try:
         settings = _settings(**overrides)
         if not PromptsFile.load(settings.prompts).labels:  # before any model download
@@ -163,7 +162,6 @@ def up(
                 raise StackError(f"Label Studio stopped unexpectedly; see {studio.log_path}")
     except KeyboardInterrupt:
         typer.echo("stopping")
-        stopped = True
     except (PrelabelError, ApiError) as exc:
         detail = f"Label Studio answered {exc.status_code}: {exc.body}" if isinstance(exc, ApiError) else exc
         typer.secho(f"error: {detail}", fg="red", err=True)
@@ -173,11 +171,6 @@ def up(
             backend.stop()
         if studio is not None:
             studio.stop()
-    if stopped:  # both are down: no thread a library left running may keep this process alive after Ctrl-C
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
 
 
 def _label_studio_client(url: str | None, api_key: str | None):
