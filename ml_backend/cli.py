@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -47,6 +48,19 @@ def _fail(exc: Exception) -> typer.Exit:
     return typer.Exit(2)
 
 
+@contextmanager
+def _failing():
+    """A user's mistake, or Label Studio refusing, ends the command with one red line and exit status 2."""
+    from label_studio_sdk.core.api_error import ApiError
+
+    try:
+        yield
+    except PrelabelError as exc:
+        raise _fail(exc) from None
+    except ApiError as exc:
+        raise _fail(PrelabelError(f"Label Studio answered {exc.status_code}: {exc.body}")) from None
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -76,10 +90,8 @@ def serve(
     settings = _settings(prompts=prompts, detector=detector, device=device, segmenter=_segmenter_flag(segmenter))
     if not _is_loopback(host) and not settings.basic_auth_user:
         log.warning("serving on %s without BASIC_AUTH_USER/BASIC_AUTH_PASS: anyone who can reach it can use it", host)
-    try:
+    with _failing():
         pipeline = Pipeline.from_settings(settings)
-    except PrelabelError as exc:
-        raise _fail(exc) from None
     log.info("models ready: %s", pipeline.base_version)
     uvicorn.run(create_app(pipeline), host=host, port=port, log_level="debug" if verbose else "info")
 
@@ -209,8 +221,6 @@ def annotate(
     with progress, resumable (run it again to finish), failures reported per task. Exit status 1 if any task failed."""
     import datetime
 
-    from label_studio_sdk.core.api_error import ApiError
-
     from .labelstudio.annotate import annotate_folder, annotate_project, open_project
     from .labelstudio.backend import LabelStudioBackend
     from .labelstudio.config import parse_config
@@ -223,7 +233,7 @@ def annotate(
         raise _fail(PrelabelError(f"--engine {engine!r}: use local or ray"))
     overrides = dict(prompts=prompts, detector=detector, device=device, segmenter=_segmenter_flag(segmenter),
                      batch_size=batch_size)
-    try:
+    with _failing():
         if project is not None:
             settings, client = _label_studio_client(url, api_key)
             if not parse_config(open_project(client, project).label_config).needs_masks:
@@ -251,10 +261,6 @@ def annotate(
                 raise PrelabelError("--engine ray works on Label Studio projects (--project)")
             result = annotate_folder(folder.expanduser(), out, backend, settings.batch_size, limit, url_prefix)
             report = report or out / "report.json"
-    except PrelabelError as exc:
-        raise _fail(exc) from None
-    except ApiError as exc:
-        raise _fail(PrelabelError(f"Label Studio answered {exc.status_code}: {exc.body}")) from None
     result.write(report)
     for entry in result.failed:
         typer.secho(entry["error"]["message"], fg="yellow", err=True)
@@ -280,23 +286,18 @@ def rank(
     import json
     from dataclasses import asdict
 
-    from label_studio_sdk.core.api_error import ApiError
     from rich.console import Console
     from rich.table import Table
 
     from .labelstudio.annotate import rank_project
     from .ontology import PromptsFile
 
-    try:
+    with _failing():
         settings, client = _label_studio_client(url, api_key)
         prompts_file = PromptsFile.load(prompts or settings.prompts)
         thresholds = {s.name: s.threshold for s in prompts_file.ontology().labels}
         version, ranked = rank_project(client, project, settings.label_studio_url, model_version, thresholds,
                                        prompts_file.box_threshold)
-    except PrelabelError as exc:
-        raise _fail(exc) from None
-    except ApiError as exc:
-        raise _fail(PrelabelError(f"Label Studio answered {exc.status_code}: {exc.body}")) from None
     table = Table(title=f"project {project}: {len(ranked)} tasks, hardest first ({version})")
     for column in ("#", "task", "uncertainty", "boxes", "open"):
         table.add_column(column)
@@ -335,8 +336,6 @@ def review(
     `prelabel` and `ground_truth`, likely mistakes, label statistics and plots, and the flagged tasks' links."""
     import json
 
-    from label_studio_sdk.core.api_error import ApiError
-
     from .images import ImageLoader
     from .models import build_detector, build_segmenter, pick_device
     from .review import launch_app, print_report, run_review
@@ -348,7 +347,7 @@ def review(
     if project is None and images is None:
         raise _fail(PrelabelError("--coco and --cvat need --images DIR (the folder holding the images)"))
     configure_fiftyone()
-    try:
+    with _failing():
         settings = _settings(segmenter=_segmenter_flag(segmenter), detector=detector, device=device)
         loader, client = None, None
         if project is not None:
@@ -401,10 +400,6 @@ def review(
         if project is not None and tab and flagged:
             tab_id = create_review_tab(client, project, [int(f["key"]) for f in flagged], "prelabel review")
             typer.echo(f"Label Studio tab 'prelabel review' ({tab_id}): {settings.label_studio_url}/projects/{project}/data?tab={tab_id}")
-    except PrelabelError as exc:
-        raise _fail(exc) from None
-    except ApiError as exc:
-        raise _fail(PrelabelError(f"Label Studio answered {exc.status_code}: {exc.body}")) from None
     if launch:
         typer.echo("FiftyOne App on http://127.0.0.1:5151 (Ctrl-C stops)")
         launch_app(name)
@@ -424,23 +419,18 @@ def effort(
     (kept, relabelled, moved, deleted, added) against drawing every box from scratch; per label and overall."""
     import json
 
-    from label_studio_sdk.core.api_error import ApiError
     from rich.console import Console
 
     from .distill.effort import EffortError, EffortWeights, print_effort, records_effort
     from .labelstudio.export import project_records
 
-    try:
+    with _failing():
         weights = EffortWeights.parse(weight)
         if not 0 < iou <= 1:
             raise EffortError(f"--iou {iou}: use a number in (0, 1]")
         settings, client = _label_studio_client(url, api_key)
         records = project_records(client, project, settings.label_studio_url, model_version)
         report = records_effort(records, iou, weights)
-    except PrelabelError as exc:
-        raise _fail(exc) from None
-    except ApiError as exc:
-        raise _fail(PrelabelError(f"Label Studio answered {exc.status_code}: {exc.body}")) from None
     versions = sorted({r.model_version for r in records if r.model_version})
     print_effort(report, Console(width=160), title=f"project {project} ({', '.join(versions) or 'no predictions'})")
     saved = report.saved
@@ -464,14 +454,12 @@ def fetch(
     from .pipeline import model_refs
 
     _logging(verbose)
-    try:
+    with _failing():
         settings = _settings(prompts=prompts, detector=_segmenter_flag(detector), segmenter=_segmenter_flag(segmenter))
         refs = dict(zip(("detector", "segmenter"), model_refs(settings, PromptsFile.load(settings.prompts))))
         for kind, ref in refs.items():
             if ref:
                 typer.echo(f"{kind}: {ref} -> {resolve_model(ref, settings.model_dir)}")
-    except PrelabelError as exc:
-        raise _fail(exc) from None
 
 
 @cvat.command("spec")
@@ -483,11 +471,9 @@ def cvat_spec(
     """Write the prompts file's labels into function.yaml / function-gpu.yaml and copy it beside them."""
     from .cvat.functions import write_function_spec
 
-    try:
+    with _failing():
         for path in write_function_spec(function_dir, prompts, shape):
             typer.echo(f"wrote {path}")
-    except PrelabelError as exc:
-        raise _fail(exc) from None
 
 
 @dev.command("tiny-models")
