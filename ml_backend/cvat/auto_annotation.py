@@ -1,11 +1,13 @@
-"""A cvat-sdk auto-annotation detection function: Grounding DINO (+ SAM) for the labels of a prompts file.
+"""A cvat-sdk auto-annotation detection function: Grounding DINO (+ SAM) for the labels of a prompts file, and tags
+from a zero-shot classifier (CLIP/SigLIP) for its `tags:` labels.
 
     cvat-cli task auto-annotate TASK_ID --function-module ml_backend.cvat.auto_annotation \\
         -p prompts=str:prompts/example.yaml [-p shape=str:mask] [--conf-threshold 0.3] [--conv-mask-to-poly]
 
 Parameters (`-p NAME=TYPE:VALUE`): `prompts` (file), `shape` (`rectangle`, `mask`, `polygon`, or per label
-`Car=mask,Person=rectangle`; unnamed labels get rectangles), `detector`, `segmenter`, `device`. CVAT matches the
-labels to the task's by name; `--conf-threshold` replaces the prompts file's thresholds. Free self-hosted CVAT runs it.
+`Car=mask,Person=rectangle`; unnamed labels get rectangles), `detector`, `segmenter`, `classifier`, `device`. CVAT
+matches the labels to the task's by name (tag labels to tag labels); `--conf-threshold` replaces the prompts file's
+box thresholds (tags keep their own: CVAT stores no score on a tag). Free self-hosted CVAT runs it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ..errors import ConfigError
 from ..ontology import PromptsFile
 from ..pipeline import Pipeline
 from ..settings import Settings
-from .convert import SHAPE_TYPES, mask_points, outline_points, rectangle_points
+from .convert import SHAPE_TYPES, classification_to_sdk_tags, mask_points, outline_points, rectangle_points
 
 
 def parse_shapes(value: str, labels: list[str]) -> dict[str, str]:
@@ -48,10 +50,12 @@ class PrelabelDetectionFunction:
         detector: str | None = None,
         segmenter: str | None = None,
         device: str | None = None,
+        classifier: str | None = None,
     ):
-        overrides = {k: v for k, v in dict(prompts=prompts, detector=detector, device=device).items() if v}
-        names = PromptsFile.load(prompts or Settings().prompts).ontology().names
-        if not names:
+        overrides = {k: v for k, v in dict(prompts=prompts, detector=detector, device=device, classifier=classifier).items() if v}
+        prompts_file = PromptsFile.load(prompts or Settings().prompts)
+        names = prompts_file.ontology().names
+        if not names and prompts_file.tags is None:
             raise ConfigError("no labels: pass a prompts file with -p prompts=str:FILE (see prompts/example.yaml)")
         self.shapes = parse_shapes(shape, names)
         needs_masks = any(s != "rectangle" for s in self.shapes.values())
@@ -61,18 +65,26 @@ class PrelabelDetectionFunction:
         if needs_masks:
             self.pipeline.require_segmenter()
         self.ontology = self.pipeline.ontology()
-        self.spec = cvataa.DetectionFunctionSpec(
-            labels=[cvataa.label_spec(s.name, i, type=self.shapes[s.name]) for i, s in enumerate(self.ontology.labels)]
-        )
+        self.tags = self.pipeline.prompts.tag_classification()
+        if self.tags is not None:
+            self.pipeline.require_classifier("the prompts file's `tags:`")
+        labels = [cvataa.label_spec(s.name, i, type=self.shapes[s.name]) for i, s in enumerate(self.ontology.labels)]
+        self.tag_ids = [len(labels) + j for j in range(len(self.tags.choices) if self.tags else 0)]
+        labels += [cvataa.label_spec(name, i, type="tag") for i, name in zip(self.tag_ids, self.tags.names if self.tags else [])]
+        self.spec = cvataa.DetectionFunctionSpec(labels=labels)
 
     def detect(self, context: cvataa.DetectionFunctionContext, image: PIL.Image.Image) -> list:
         ontology = self.ontology if context.conf_threshold is None else self.ontology.with_threshold(context.conf_threshold)
         array = np.array(image.convert("RGB"))
-        detections = self.pipeline.detect([array], ontology)[0]
+        out = []
+        if self.tags is not None:
+            out += classification_to_sdk_tags(self.tag_ids, self.pipeline.classify([array], self.tags.fill(None))[1][0])
+        if not ontology.labels:
+            return out
+        detections = self.pipeline.detect([array], ontology.fill(None))[0]
         names = [str(n) for n in detections.data.get("class_name", [])]
         if any(self.shapes[n] != "rectangle" for n in names):
             self.pipeline.add_masks(array, detections)
-        out = []
         for i, name in enumerate(names):
             label_id, score = int(detections.class_id[i]), float(detections.confidence[i])
             shape = self.shapes[name]

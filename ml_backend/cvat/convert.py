@@ -1,5 +1,6 @@
 """The one place where core Detections become CVAT shapes: `rectangle` (x1, y1, x2, y2), `mask` (CVAT's run lengths
-over the box crop with the inclusive box appended, via `cvat_sdk.masks`) and `polygon` (flat x, y list)."""
+over the box crop with the inclusive box appended, via `cvat_sdk.masks`) and `polygon` (flat x, y list); and where
+classifier choices become CVAT tags (`{"type": "tag"}` in a serverless answer, `cvat_sdk.auto_annotation.tag`)."""
 
 from __future__ import annotations
 
@@ -82,3 +83,15 @@ def detections_to_shapes(detections: sv.Detections, shape_type: str = "rectangle
             shape["points"] = outline_points(detections.mask[i], detections.xyxy[i])
         shapes.append(shape)
     return shapes
+
+
+def classification_to_tags(names: list[str], probs, chosen: list[int]) -> list[dict]:
+    """A serverless detector's tags for one image: the chosen classes, best first, confidence as a string."""
+    return [{"confidence": f"{float(probs[j]):.4f}", "label": names[j], "type": "tag"} for j in chosen]
+
+
+def classification_to_sdk_tags(label_ids: list[int], chosen: list[int]) -> list:
+    """cvat-sdk auto-annotation tags (`LabeledImageRequest`; CVAT stores no score on a tag)."""
+    import cvat_sdk.auto_annotation as cvataa
+
+    return [cvataa.tag(label_ids[j]) for j in chosen]

@@ -43,7 +43,7 @@ def write_function_spec(function_dir: Path, prompts: Path, shape: str = "rectang
     ontology = prompts_file.ontology()
     if not ontology.labels:
         raise ConfigError(f"prompts file {prompts} has no labels: CVAT would get a detector without labels")
-    spec = label_spec(ontology, shape)
+    spec = label_spec(ontology, shape, prompts_file.tag_classification())
     text = "[\n" + ",\n".join(f"  {json.dumps(item)}" for item in spec) + "\n]\n"
     yaml, written = _yaml(), []
     for name in FUNCTION_FILES:

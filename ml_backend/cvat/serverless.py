@@ -24,10 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..errors import ConfigError, ImageError, PrelabelError, RequestError, describe_validation
 from ..images import decode_image
 from ..models import Segmenter, build_segmenter, pick_device
-from ..ontology import Ontology, PromptsFile
+from ..ontology import Classification, Ontology, PromptsFile
 from ..pipeline import Pipeline, model_refs, segment_interactive
 from ..settings import Settings
-from .convert import SHAPE_TYPES, detections_to_shapes, match_labels, polygon_points
+from .convert import SHAPE_TYPES, classification_to_tags, detections_to_shapes, match_labels, polygon_points
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ def _settings(function_dir: Path | None, **overrides) -> Settings:
 
 
 class DetectorFunction:
-    """Grounding DINO boxes (and SAM masks for `mask`/`polygon`) for the labels of the prompts file."""
+    """Grounding DINO boxes (and SAM masks for `mask`/`polygon`) for the labels of the prompts file, and tags
+    (zero-shot classification of the whole image) for its `tags:` labels."""
 
     def __init__(self, pipeline: Pipeline, shape: str = "rectangle"):
         if shape not in SHAPE_TYPES:
@@ -94,7 +95,10 @@ class DetectorFunction:
             pipeline.require_segmenter()
         self.pipeline, self.shape = pipeline, shape
         self.ontology = pipeline.ontology()
-        if not self.ontology.labels:
+        self.tags: Classification | None = pipeline.prompts.tag_classification()
+        if self.tags is not None:
+            pipeline.require_classifier("the prompts file's `tags:`")
+        if not self.ontology.labels and self.tags is None:
             raise ConfigError(f"the detector has no labels: give it a prompts file ({PROMPTS_FILE} or PRELABEL_PROMPTS)")
 
     @classmethod
@@ -104,24 +108,35 @@ class DetectorFunction:
         return cls(Pipeline.from_settings(_settings(function_dir, **overrides)), shape)
 
     def label_spec(self) -> list[dict]:
-        return label_spec(self.ontology, self.shape)
+        return label_spec(self.ontology, self.shape, self.tags)
 
     def __call__(self, body: Any) -> list[dict]:
+        """Shapes for the detected labels, then tags; `threshold` replaces the box thresholds (tags keep theirs)."""
         req = _parse(DetectBody, body)
-        ontology = self._ontology(req.labels, req.threshold)
+        wanted = self._wanted(req.labels)
+        ontology = replace(self.ontology, labels=tuple(s for s in self.ontology.labels if s.name in wanted))
+        if req.threshold is not None:
+            ontology = ontology.with_threshold(req.threshold)
+        ontology = ontology.fill(None)  # CVAT sends no task data: a prompt naming a field is a clear error
         image = decode_base64_image(req.image, self.pipeline.settings.max_image_pixels)
-        detections = self.pipeline.detect([image], ontology, masks=self.shape != "rectangle")[0]
-        return detections_to_shapes(detections, self.shape)
+        out = []
+        if ontology.labels:
+            detections = self.pipeline.detect([image], ontology, masks=self.shape != "rectangle")[0]
+            out += detections_to_shapes(detections, self.shape)
+        if self.tags is not None and wanted & set(self.tags.names):
+            probs, chosen = self.pipeline.classify([image], self.tags.fill(None))
+            tags = classification_to_tags(self.tags.names, probs[0], chosen[0])
+            out += [t for t in tags if t["label"] in wanted]
+        return out
 
-    def _ontology(self, labels: list[str] | None, threshold: float | None) -> Ontology:
-        ontology = self.ontology
-        if labels is not None:
-            try:
-                wanted = set(match_labels(labels, ontology.names).values())
-            except ConfigError as exc:
-                raise RequestError(f"unknown label: {exc}; this function detects {ontology.names}") from None
-            ontology = replace(ontology, labels=tuple(s for s in ontology.labels if s.name in wanted))
-        return ontology if threshold is None else ontology.with_threshold(threshold)
+    def _wanted(self, labels: list[str] | None) -> set[str]:
+        names = self.ontology.names + (self.tags.names if self.tags else [])
+        if labels is None:
+            return set(names)
+        try:
+            return set(match_labels(labels, names).values())
+        except ConfigError as exc:
+            raise RequestError(f"unknown label: {exc}; this function detects {names}") from None
 
 
 class InteractorFunction:
@@ -166,9 +181,11 @@ class InteractorFunction:
         }
 
 
-def label_spec(ontology: Ontology, shape: str = "rectangle") -> list[dict]:
-    """The detector's `metadata.annotations.spec` in function.yaml: CVAT matches these names to task labels."""
-    return [{"id": i, "name": spec.name, "type": shape} for i, spec in enumerate(ontology.labels)]
+def label_spec(ontology: Ontology, shape: str = "rectangle", tags: Classification | None = None) -> list[dict]:
+    """The detector's `metadata.annotations.spec` in function.yaml: CVAT matches these names to task labels;
+    `tags` labels (whole-image classes) come after the detected ones, with type `tag`."""
+    spec = [{"id": i, "name": s.name, "type": shape} for i, s in enumerate(ontology.labels)]
+    return spec + [{"id": len(spec) + j, "name": name, "type": "tag"} for j, name in enumerate(tags.names if tags else [])]
 
 
 def respond(context, function: Callable[[Any], Any], event) -> Any:

@@ -17,11 +17,18 @@ from ..active import task_score
 from ..errors import ConfigError, PrelabelError, RequestError
 from ..images import ImageLoader, LoadedImage
 from ..metrics import Metrics
-from ..ontology import LabelSpec, Ontology, normalize_prompt
+from ..ontology import Classification, LabelSpec, Ontology, normalize_prompt
 from ..pipeline import Pipeline
 from ..types import make_detections
 from .config import ProjectConfig, parse_config
-from .convert import detections_to_results, percent_to_box, percent_to_point
+from .convert import (
+    ChoiceScores,
+    choices_result,
+    choices_score,
+    detections_to_results,
+    percent_to_box,
+    percent_to_point,
+)
 from .store import EventStore
 
 log = logging.getLogger(__name__)
@@ -125,7 +132,7 @@ class LabelStudioBackend:
         version = self.pipeline.model_version(self.pipeline.ontology())
         if req.label_config:
             config = parse_config(req.label_config)
-            version = self.pipeline.model_version(self.ontology_for(config))
+            version = self.version_for(config, self.ontology_for(config))
             with self._lock:
                 self.configs[pid] = req.label_config
         with self._lock:
@@ -140,6 +147,17 @@ class LabelStudioBackend:
     def ontology_for(self, config: ProjectConfig) -> Ontology:
         return config.ontology(self.pipeline.prompts, self.settings.max_detections)
 
+    def classifications_for(self, config: ProjectConfig) -> dict[str, Classification]:
+        """Per Choices control, what to classify into; a ConfigError when Choices meet a server without classifier."""
+        if not config.choices:
+            return {}
+        self.pipeline.require_classifier(f"the label config's <Choices name={config.choices[0].from_name!r}>")
+        return config.classifications(self.pipeline.prompts)
+
+    def version_for(self, config: ProjectConfig, ontology: Ontology) -> str:
+        """Model ids + digests of the prompts and templates (never of text filled from task data)."""
+        return self.pipeline.model_version(ontology, list(self.classifications_for(config).values()))
+
     # -- /predict -----------------------------------------------------------------------------------------------
     def prepare(self, req: PredictRequest) -> PreparedPredict:
         """Checks a /predict request and resolves its config; raises for request-level mistakes."""
@@ -152,7 +170,7 @@ class LabelStudioBackend:
             raise RequestError("no label_config in the request, and no /setup has given one for this project")
         config = parse_config(xml)
         ontology = self.ontology_for(config)
-        version = self.pipeline.model_version(ontology)
+        version = self.version_for(config, ontology)
         context = req.params["context"] if is_interactive(req) else None
         if context is not None and len(req.tasks) != 1:
             raise RequestError(f"interactive annotation takes exactly one task, got {len(req.tasks)}")
@@ -192,7 +210,7 @@ class LabelStudioBackend:
         entries: list[dict | None] = [None] * len(tasks)
         units: list[tuple[int, str]] = []  # (task index, data key): one image each
         refs: list[tuple[str, int | None]] = []
-        keys = list(dict.fromkeys(c.data_key for c in config.controls))
+        keys = config.data_keys
         for i, task in enumerate(tasks):
             try:
                 tid, data = self._task_fields(task)
@@ -218,21 +236,35 @@ class LabelStudioBackend:
         version: str,
         on_image: Callable[[int, str, LoadedImage, sv.Detections], None] | None = None,
     ) -> list[dict]:
-        """One batched detector pass over the loaded images, masks and Label Studio results one image at a time.
-        `on_image(task index, data key, image, detections)` sees each image's detections (masks included)
-        before they are dropped. Exactly one entry per task: a prediction or `{"task", "error"}`."""
+        """Batched detector passes over the loaded images (one per distinct set of prompts: one unless prompts name
+        task data fields), then one classifier batch for every whole image and region crop that Choices ask for,
+        then masks and Label Studio results one image at a time. `on_image(task index, data key, image, detections)`
+        sees each image's detections (masks included) before they are dropped. Exactly one entry per task: a
+        prediction or `{"task", "error"}`."""
         tasks, entries = batch.tasks, list(batch.entries)
         self.metrics.batch(len(batch.images))
-        detections = self.pipeline.detect([img.array for _, _, img in batch.images], ontology)
-        for (i, key, img), det in zip(batch.images, detections):
-            if config.needs_masks:  # one image's full-size masks at a time, converted and dropped
+        classifications = self.classifications_for(config)
+        ontologies, filled = self._fill(batch, entries, ontology, classifications)
+        images = [(i, key, img) for i, key, img in batch.images if entries[i] is None]
+        detections = self._detect(images, config, ontologies)
+        choice_scores = self._classify(images, config, detections, filled)
+        region_keys = {c.data_key for c in config.controls}
+        for n, ((i, key, img), det) in enumerate(zip(images, detections)):
+            if config.needs_masks and key in region_keys:  # one image's full-size masks at a time, converted and dropped
                 self.pipeline.add_masks(img.array, det)
             if on_image is not None:
                 on_image(i, key, img, det)
             controls = [c for c in config.controls if c.data_key == key]
             entry = entries[i] or {"result": [], "score": 1.0, "model_version": version}
-            entry["result"] += detections_to_results(det, controls, img.width, img.height)
-            entry["score"] = min(entry["score"], task_score(det, ontology))
+            scores = choice_scores.get(n, [])
+            per_region = [s for s in scores if s.control.per_region]
+            entry["result"] += detections_to_results(det, controls, img.width, img.height, per_region)
+            for s in scores:
+                if not s.control.per_region and (result := choices_result(s, 0, img.width, img.height)):
+                    entry["result"].append(result)
+                entry["score"] = min(entry["score"], choices_score(s))
+            if key in region_keys and ontology.labels:
+                entry["score"] = min(entry["score"], task_score(det, ontologies[i]))
             entries[i] = entry
         failed = [e for e in entries if e and "error" in e]
         for e in failed:
@@ -240,6 +272,86 @@ class LabelStudioBackend:
             log.warning("%s", e["error"]["message"])
         self.metrics.count("tasks_predicted", len(tasks) - len(failed))
         return entries
+
+    @staticmethod
+    def _fill(
+        batch: LoadedTasks, entries: list, ontology: Ontology, classifications: dict[str, Classification]
+    ) -> tuple[dict[int, Ontology], dict[int, dict[str, Classification]]]:
+        """Per task, the ontology and classifications with `{field}`s filled from its data; a task whose data
+        lacks a field gets its error entry (naming the task and the field) and the others go on."""
+        ontologies, filled = {}, {}
+        for i in dict.fromkeys(i for i, _, _ in batch.images):
+            task = batch.tasks[i]
+            data = task.get("data") if isinstance(task, dict) else None
+            try:
+                ontologies[i] = ontology.fill(data)
+                filled[i] = {name: c.fill(data) for name, c in classifications.items()}
+            except PrelabelError as exc:
+                entries[i] = task_error(task.get("id") if isinstance(task, dict) else None, exc)
+        return ontologies, filled
+
+    def _detect(self, images: list, config: ProjectConfig, ontologies: dict[int, Ontology]) -> list[sv.Detections]:
+        """Detections per image; images no region control labels (Choices only) never reach the detector."""
+        out = [sv.Detections.empty() for _ in images]
+        region_keys = {c.data_key for c in config.controls}
+        groups: dict[Ontology, list[int]] = {}
+        for n, (i, key, _) in enumerate(images):
+            if key in region_keys and ontologies[i].labels:
+                groups.setdefault(ontologies[i], []).append(n)
+        for onto, members in groups.items():
+            for n, det in zip(members, self.pipeline.detect([images[n][2].array for n in members], onto)):
+                out[n] = det
+        return out
+
+    def _classify(
+        self, images: list, config: ProjectConfig, detections: list[sv.Detections], filled: dict
+    ) -> dict[int, list[ChoiceScores]]:
+        """Every whole image and region crop the Choices controls ask for, embedded in one classifier batch, then
+        scored against each task's (cached) choice embeddings. Keys: positions in `images`."""
+        if not config.choices:
+            return {}
+        parts: dict[tuple, tuple[int, int]] = {}  # (image position, rows or None) -> (start, count) in the batch
+        crops: list[tuple[int, list[int] | None]] = []
+        wanted = []  # (image position, control, rows or None)
+        for n, (_, key, _) in enumerate(images):
+            det = detections[n]
+            names = [str(x) for x in det.data.get("class_name", [])]
+            for control in (c for c in config.choices if c.data_key == key):
+                rows = None
+                if control.per_region:
+                    regions = [c for c in config.controls if c.data_key == key]
+                    rows = [r for r, label in enumerate(names)
+                            if any(label in c.labels and control.applies_to(c, label) for c in regions)]
+                    if not rows:
+                        continue
+                part = (n, None if rows is None else tuple(rows))
+                if part not in parts:
+                    start = sum(count for _, count in parts.values())
+                    parts[part] = (start, 1 if rows is None else len(rows))
+                    crops.append((n, rows))
+                wanted.append((n, control, rows))
+        if not wanted:
+            return {}
+        arrays = [images[n][2].array for n, _ in crops]
+        boxes = [None if rows is None else detections[n].xyxy[rows] for n, rows in crops]
+        embeddings = self.pipeline.embed_crops(arrays, boxes)
+        self.metrics.count("classified_crops", len(embeddings))
+        classifier = self.pipeline.require_classifier()
+        out: dict[int, list[ChoiceScores]] = {}
+        for n, control, rows in wanted:
+            start, count = parts[(n, None if rows is None else tuple(rows))]
+            classification = filled[images[n][0]][control.from_name]
+            probs = classifier.probabilities(embeddings[start : start + count], classification)
+            chosen = classifier.decide(probs, classification)
+            if rows is not None:  # rows of the result are the image's detections
+                full = np.zeros((len(detections[n]), len(classification.choices)), np.float32)
+                picks: list[list[int]] = [[] for _ in range(len(detections[n]))]
+                full[rows] = probs
+                for k, r in enumerate(rows):
+                    picks[r] = chosen[k]
+                probs, chosen = full, picks
+            out.setdefault(n, []).append(ChoiceScores(control, classification, probs, chosen))
+        return out
 
     @staticmethod
     def _task_fields(task: Any) -> tuple[int | None, dict]:
@@ -259,6 +371,8 @@ class LabelStudioBackend:
         regions = [r for r in context.get("result", []) if isinstance(r, dict)]
         if not regions:
             raise RequestError("interactive context holds no regions")
+        if not config.controls:
+            raise ConfigError("interactive annotation needs a RectangleLabels, BrushLabels or PolygonLabels control")
         tid, data = self._task_fields(task)
         to_name = next((r["to_name"] for r in regions if r.get("to_name")), config.controls[0].to_name)
         key = next((c.data_key for c in config.controls if c.to_name == to_name), config.controls[0].data_key)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from label_studio_sdk.label_interface import LabelInterface
 
 from ..errors import ConfigError
-from ..ontology import Ontology, PromptsFile
+from ..ontology import Classification, Ontology, PromptsFile
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +26,57 @@ class Control:
     labels: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class ChoiceControl:
+    """A `<Choices>` on an `<Image>`: classified by the zero-shot classifier, for the whole image or, with
+    `perRegion="true"`, for each detected region (restricted by `whenTagName`/`whenLabelValue` when given)."""
+
+    from_name: str
+    to_name: str
+    data_key: str
+    choices: tuple[str, ...]  # the values Label Studio stores (a Choice's alias, else its value)
+    multiple: bool = False
+    per_region: bool = False
+    when_tag: str | None = None
+    when_labels: tuple[str, ...] = ()
+    hints: tuple[tuple[str, tuple[str, ...]], ...] = ()  # choice -> prompt hints (predicted_values, aliased value)
+
+    type = "choices"
+
+    def classification(self, prompts: PromptsFile) -> Classification:
+        return prompts.classification(list(self.choices), self.multiple, dict(self.hints))
+
+    def applies_to(self, control: Control, label: str) -> bool:
+        """Does this per-region Choices classify a region of `control` labelled `label`?"""
+        if control.to_name != self.to_name:
+            return False
+        if self.when_tag and control.from_name != self.when_tag:
+            return False
+        return not self.when_labels or label in self.when_labels
+
+
 @dataclass
 class ProjectConfig:
     controls: list[Control]
     labels: list[str]
     predicted_values: dict[str, list[str]] = field(default_factory=dict)
+    choices: list[ChoiceControl] = field(default_factory=list)
 
     @property
     def needs_masks(self) -> bool:
         return any(c.type in MASK_TYPES for c in self.controls)
 
+    @property
+    def data_keys(self) -> list[str]:
+        """The task data keys of every image the config labels (regions or choices)."""
+        return list(dict.fromkeys([c.data_key for c in self.controls] + [c.data_key for c in self.choices]))
+
     def ontology(self, prompts: PromptsFile, max_detections: int) -> Ontology:
         return prompts.ontology(self.labels, self.predicted_values, max_detections)
+
+    def classifications(self, prompts: PromptsFile) -> dict[str, Classification]:
+        """Per Choices control (by name), what to classify into."""
+        return {c.from_name: c.classification(prompts) for c in self.choices}
 
     def mask_control(self, to_name: str | None = None) -> Control | None:
         """The control that receives interactive masks: brush first, polygons when they are the only mask tag."""
@@ -48,6 +87,29 @@ class ProjectConfig:
         return None
 
 
+def _choice_control(tag, to_name: str, data_key: str) -> ChoiceControl:
+    attrs = tag.attr or {}
+    hints = []
+    for name, choice in (tag.labels_attrs or {}).items():
+        values = [v.strip() for v in (choice.attr.get("predicted_values") or "").split(",") if v.strip()]
+        shown = choice.attr.get("value")
+        if not values and shown and shown != name:  # aliased: the shown value says more than the alias
+            values = [shown]
+        if values:
+            hints.append((name, tuple(values)))
+    return ChoiceControl(
+        from_name=tag.name,
+        to_name=to_name,
+        data_key=data_key,
+        choices=tuple(tag.labels),
+        multiple=attrs.get("choice") == "multiple",
+        per_region=str(attrs.get("perRegion", "")).lower() == "true",
+        when_tag=attrs.get("whenTagName") or None,
+        when_labels=tuple(v.strip() for v in (attrs.get("whenLabelValue") or "").split(",") if v.strip()),
+        hints=tuple(hints),
+    )
+
+
 @functools.lru_cache(maxsize=64)
 def parse_config(config: str) -> ProjectConfig:
     if not isinstance(config, str) or not config.strip():
@@ -56,8 +118,19 @@ def parse_config(config: str) -> ProjectConfig:
         interface = LabelInterface(config)
     except Exception as exc:  # noqa: BLE001 - the SDK raises many types for broken XML
         raise ConfigError(f"label config cannot be parsed: {exc}") from None
-    controls, labels, predicted = [], [], {}
+    controls, labels, predicted, choices = [], [], {}, []
     for tag in interface.controls:
+        if tag.tag == "Choices":
+            for to_name in tag.to_name:
+                obj = interface.get_object(to_name)
+                if obj is None or obj.tag != "Image":
+                    continue
+                if not obj.value.startswith("$"):
+                    raise ConfigError(f"<Image name={to_name!r}> must take its URL from task data (value=\"$key\")")
+                if not tag.labels:
+                    raise ConfigError(f"<Choices name={tag.name!r}> has no <Choice> to classify into")
+                choices.append(_choice_control(tag, to_name, obj.value_name))
+            continue
         if tag.tag not in OUTPUT_TAGS:
             continue
         for to_name in tag.to_name:
@@ -72,10 +145,20 @@ def parse_config(config: str) -> ProjectConfig:
             values = label_tag.attr.get("predicted_values")
             if values:
                 predicted[name] = [v.strip() for v in values.split(",") if v.strip()]
-    if not controls:
+    if not controls and not choices:
         found = sorted({t.tag for t in interface.controls}) or ["none"]
         raise ConfigError(
             f"label config has no control we can pre-annotate: found {', '.join(found)}; supported are "
-            f"RectangleLabels, BrushLabels and PolygonLabels on an <Image> (KeyPointLabels/TextArea only with them)"
+            f"RectangleLabels, BrushLabels, PolygonLabels and Choices on an <Image> (KeyPointLabels/TextArea only "
+            f"with them)"
         )
-    return ProjectConfig(controls, list(dict.fromkeys(labels)), predicted)
+    for choice in choices:
+        if choice.per_region and not any(choice.applies_to(c, label) for c in controls for label in c.labels):
+            raise ConfigError(
+                f"<Choices name={choice.from_name!r} perRegion=\"true\"> classifies regions, but no RectangleLabels, "
+                f"BrushLabels or PolygonLabels on <Image name={choice.to_name!r}>"
+                + (f" has the labels {list(choice.when_labels)}" if choice.when_labels else "")
+                + (f" is named {choice.when_tag!r}" if choice.when_tag else "")
+                + " to give it regions"
+            )
+    return ProjectConfig(controls, list(dict.fromkeys(labels)), predicted, choices)

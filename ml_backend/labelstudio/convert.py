@@ -1,13 +1,17 @@
-"""The one place where core Detections become Label Studio regions (percent boxes, brush RLE, polygons), and
-Label Studio context regions become pixels."""
+"""The one place where core Detections become Label Studio regions (percent boxes, brush RLE, polygons),
+classifier probabilities become `choices` results (whole image, or per region under the region's id), and Label
+Studio context regions become pixels."""
 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 import supervision as sv
-from .config import Control
+
+from ..ontology import Classification
+from .config import ChoiceControl, Control
 
 
 def region_id() -> str:
@@ -105,8 +109,63 @@ def _region(control: Control, width: int, height: int, value: dict, score: float
     return region
 
 
-def detections_to_results(detections: sv.Detections, controls: list[Control], width: int, height: int) -> list[dict]:
-    """Every detection whose label a control has becomes a region of that control."""
+@dataclass
+class ChoiceScores:
+    """Classifier output for one Choices control: probabilities (rows: the image, or each detection; columns: the
+    classification's choices) and the chosen column indices per row."""
+
+    control: ChoiceControl
+    classification: Classification
+    probs: np.ndarray
+    chosen: list[list[int]]
+
+
+def choices_result(
+    scores: ChoiceScores, row: int, width: int, height: int, region: dict | None = None
+) -> dict | None:
+    """One `choices` result: the chosen choices of `row`, `score` the lowest probability among them, and every
+    choice's probability in `meta.scores` (Label Studio keeps `meta` with the prediction). Per region, it takes the
+    region's `id` (that is how Label Studio links a per-region choice to its region) and a rectangle's geometry.
+    None when a multi-label classification chose nothing (the probabilities then say why in the log)."""
+    chosen = scores.chosen[row]
+    if not chosen:
+        return None
+    names = scores.classification.names
+    probs = scores.probs[row]
+    control = scores.control
+    value: dict = {}
+    if region is not None and region["type"] == "rectanglelabels":
+        value = {k: region["value"][k] for k in ("x", "y", "width", "height", "rotation")}
+    value["choices"] = [names[j] for j in chosen]
+    return {
+        "id": region["id"] if region is not None else region_id(),
+        "from_name": control.from_name,
+        "to_name": control.to_name,
+        "type": "choices",
+        "original_width": int(width),
+        "original_height": int(height),
+        "image_rotation": 0,
+        "value": value,
+        "score": round(float(min(probs[j] for j in chosen)), 6),
+        "meta": {"scores": {name: round(float(p), 6) for name, p in zip(names, probs)}},
+    }
+
+
+def choices_score(scores: ChoiceScores) -> float:
+    """How sure the classification of a task is: the lowest chosen probability over its rows (1.0 with none)."""
+    chosen = [float(scores.probs[r][j]) for r, row in enumerate(scores.chosen) for j in row]
+    return round(min(chosen, default=1.0), 6)
+
+
+def detections_to_results(
+    detections: sv.Detections,
+    controls: list[Control],
+    width: int,
+    height: int,
+    per_region: list[ChoiceScores] | tuple = (),
+) -> list[dict]:
+    """Every detection whose label a control has becomes a region of that control; each per-region Choices that
+    applies to the region adds a `choices` result with the region's id (rows of `per_region` are detections)."""
     results = []
     names = detections.data.get("class_name", [])
     for i in range(len(detections)):
@@ -116,14 +175,22 @@ def detections_to_results(detections: sv.Detections, controls: list[Control], wi
         for control in controls:
             if label not in control.labels:
                 continue
+            regions = []
             if control.type == "rectanglelabels":
                 value = box_to_percent(detections.xyxy[i], width, height) | {"rectanglelabels": [label]}
-                results.append(_region(control, width, height, value, score))
+                regions.append(_region(control, width, height, value, score))
             elif mask is not None and control.type == "brushlabels":
                 value = {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}
-                results.append(_region(control, width, height, value, score))
+                regions.append(_region(control, width, height, value, score))
             elif mask is not None and control.type == "polygonlabels":
                 for points in mask_to_polygons(mask, width, height):
                     value = {"points": points, "closed": True, "polygonlabels": [label]}
-                    results.append(_region(control, width, height, value, score))
+                    regions.append(_region(control, width, height, value, score))
+            for region in regions:
+                results.append(region)
+                for scores in per_region:
+                    if scores.control.applies_to(control, label):
+                        choice = choices_result(scores, i, width, height, region)
+                        if choice is not None:
+                            results.append(choice)
     return results

@@ -1,13 +1,16 @@
-"""The two small interfaces every model family implements."""
+"""The small interfaces every model family implements: Detector, Segmenter, and Classifier (zero-shot, CLIP-style)."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import supervision as sv
 
-from ..ontology import Ontology
+from ..ontology import Classification, Ontology
+
+if TYPE_CHECKING:
+    import torch
 
 
 class Detector(Protocol):
@@ -39,3 +42,22 @@ class Segmenter(Protocol):
         ...
 
     def cache_info(self) -> dict: ...
+
+
+class Classifier(Protocol):
+    """Zero-shot classification (see `models/classifier.py`): images are embedded once per batch, then scored
+    against the (cached) text embeddings of any number of classifications."""
+
+    model_id: str
+
+    def embed_images(self, images: list[np.ndarray]) -> torch.Tensor:
+        """(N, D) normalised embeddings of RGB uint8 HxWx3 images (whole images or region crops)."""
+        ...
+
+    def probabilities(self, image_embeddings: torch.Tensor, classification: Classification) -> np.ndarray:
+        """(N, C) probabilities of the choices of a filled `ontology.Classification`."""
+        ...
+
+    def decide(self, probs: np.ndarray, classification: Classification) -> list[list[int]]:
+        """Chosen choice indices per row (single choice: the best; multiple: those over their thresholds)."""
+        ...

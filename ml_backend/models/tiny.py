@@ -117,3 +117,39 @@ def write_tiny_models(out: Path, seed: int = 0) -> dict[str, Path]:
         "detector": write_tiny_detector(out / "detector", seed),
         "segmenter": write_tiny_segmenter(out / "segmenter", seed),
     }
+
+
+def write_tiny_classifier(out: Path, seed: int = 0, family: str = "clip") -> Path:
+    """A tiny random zero-shot classifier with tokenizer and processor, loadable by `AutoModel`/`AutoProcessor`:
+    `family` "clip" (softmax over choices) or "siglip" (sigmoid per choice). The tokenizer is the same small
+    WordPiece vocabulary as the tiny detector's, so the text the model receives can be read back."""
+    from transformers import (
+        BertTokenizerFast,
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPProcessor,
+        SiglipConfig,
+        SiglipImageProcessor,
+        SiglipModel,
+        SiglipProcessor,
+    )
+
+    if family not in ("clip", "siglip"):
+        raise ValueError(f"family {family!r} is not 'clip' or 'siglip'")
+    torch.manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = BertTokenizerFast(vocab=str(write_vocab(Path(tmp) / "vocab.txt")), do_lower_case=True)
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    text = tower | dict(vocab_size=len(tokenizer), max_position_embeddings=32, pad_token_id=tokenizer.pad_token_id,
+                        bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id)
+    vision = tower | dict(image_size=32, patch_size=8)
+    if family == "clip":
+        CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8)).eval().save_pretrained(out)
+        image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    else:
+        SiglipModel(SiglipConfig(text_config=text | {"projection_size": 16}, vision_config=vision)).eval().save_pretrained(out)
+        SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer).save_pretrained(out)
+    return out

@@ -3,6 +3,8 @@ and uncompressed RLE (CVAT masks) all become full-size masks. Keys are file name
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 from pathlib import Path
@@ -30,7 +32,8 @@ def _load(path: Path):
             raise ConfigError(f"COCO file {path} has no {key!r} list")
     coco = COCO()
     coco.dataset = doc
-    coco.createIndex()
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        coco.createIndex()
     return coco
 
 
