@@ -37,7 +37,7 @@ tiny-models: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/prelabel dev tiny-models .prelabel/tiny-models
 
 bench: $(STAMP)
-	rc=0; for b in run annotate ray_scaling review; do HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.$$b || rc=1; done; exit $$rc
+	rc=0; for b in run annotate ray_scaling review two_stage distill; do HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.$$b || rc=1; done; exit $$rc
 
 review: $(STAMP)
 	FIFTYONE_DO_NOT_TRACK=true $(BIN)/prelabel review --project $(PROJECT) --app

@@ -104,7 +104,8 @@ def main() -> int:
                         model_dir=CACHE / "model-dir", local_files_document_root=root, device="cpu")
     tasks = [{"id": i, "data": {"image": local_files_ref(p, root)}} for i, p in enumerate(paths)]
     backend = LabelStudioBackend.for_batch(Pipeline.from_settings(settings))
-    version = backend.pipeline.model_version(backend.ontology_for(parse_config(CONFIG)))
+    config = parse_config(CONFIG)
+    version = backend.version_for(config, backend.ontology_for(config))
     del backend  # the driver only needs the version
 
     load_before = os.getloadavg()

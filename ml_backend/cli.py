@@ -77,6 +77,7 @@ def serve(
     prompts: Optional[Path] = typer.Option(None, help="Prompts file (prompts/*.yaml)."),
     detector: Optional[str] = typer.Option(None, help="Detector: hub id or local directory."),
     segmenter: Optional[str] = typer.Option(None, help="Segmenter: hub id, local directory, sam_vit_*.pth, or 'none'."),
+    classifier: Optional[str] = typer.Option(None, help="Zero-shot classifier for Choices (CLIP/SigLIP): hub id, local directory, or 'none'."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
@@ -87,7 +88,8 @@ def serve(
     from .pipeline import Pipeline
 
     _logging(verbose)
-    settings = _settings(prompts=prompts, detector=detector, device=device, segmenter=_segmenter_flag(segmenter))
+    settings = _settings(prompts=prompts, detector=detector, device=device, segmenter=_segmenter_flag(segmenter),
+                         classifier=_segmenter_flag(classifier))
     if not _is_loopback(host) and not settings.basic_auth_user:
         log.warning("serving on %s without BASIC_AUTH_USER/BASIC_AUTH_PASS: anyone who can reach it can use it", host)
     with _failing():
@@ -209,6 +211,7 @@ def annotate(
     prompts: Optional[Path] = typer.Option(None, help="Prompts file (prompts/*.yaml)."),
     detector: Optional[str] = typer.Option(None, help="Detector: hub id or local directory."),
     segmenter: Optional[str] = typer.Option(None, help="Segmenter: hub id, local directory, or 'none'."),
+    classifier: Optional[str] = typer.Option(None, help="Zero-shot classifier for Choices (CLIP/SigLIP): hub id, local directory, or 'none'."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
     engine: str = typer.Option("local", help="local, or ray (the extra prelabel[ray])."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster: 'auto' on a cluster node, or ray://HEAD:10001 (default: a local Ray)."),
@@ -232,7 +235,7 @@ def annotate(
     if engine not in ("local", "ray"):
         raise _fail(PrelabelError(f"--engine {engine!r}: use local or ray"))
     overrides = dict(prompts=prompts, detector=detector, device=device, segmenter=_segmenter_flag(segmenter),
-                     batch_size=batch_size)
+                     classifier=_segmenter_flag(classifier), batch_size=batch_size)
     with _failing():
         if project is not None:
             settings, client = _label_studio_client(url, api_key)
@@ -442,23 +445,110 @@ def effort(
 
 
 @app.command()
+def distill(
+    project: Optional[int] = typer.Option(None, help="Label Studio project id: train on its annotated tasks."),
+    coco: Optional[Path] = typer.Option(None, help="A COCO file of human annotations to train on."),
+    images: Optional[Path] = typer.Option(None, help="--coco: the folder holding the images."),
+    predictions: Optional[Path] = typer.Option(None, help="--coco: the teacher's predictions (COCO file or results list), evaluated beside the student."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: MODEL_DIR/students/project-ID or FILE); running again resumes there."),
+    target: str = typer.Option("fcos-resnet18", help="Student architecture: fcos-resnet18 (torchvision FCOS, BSD-3-Clause)."),
+    epochs: int = typer.Option(40, min=1, help="Epochs at most (early stop may end sooner)."),
+    image_size: int = typer.Option(512, min=64, help="Square input size the student sees (images are letterboxed)."),
+    batch_size: int = typer.Option(8, min=1, help="Images per step (small batches: more steps per epoch on CPU)."),
+    lr: float = typer.Option(2e-3, min=0, help="Peak learning rate (AdamW, warm-up then cosine)."),
+    patience: int = typer.Option(10, min=1, help="Stop after this many epochs without a better validation mAP."),
+    time_limit: Optional[float] = typer.Option(None, min=0, help="Minutes: stop before an epoch would run past this."),
+    seed: int = typer.Option(0, help="Seed of the split and of training."),
+    val_fraction: float = typer.Option(0.2, min=0.01, max=0.99, help="Share of annotated images held out for validation."),
+    accept_predictions: Optional[float] = typer.Option(None, min=0, max=1, help="Also train on predictions scoring at least this on images nobody annotated."),
+    pretrained: str = typer.Option("auto", help="Backbone start: auto (ImageNet if cached or downloadable), imagenet, scratch."),
+    export: bool = typer.Option(True, "--export/--no-export", help="Export ONNX (checked with ONNX Runtime) and time it."),
+    restart: bool = typer.Option(False, "--restart", help="Ignore an earlier run's checkpoint in --out and start over."),
+    model_version: Optional[str] = typer.Option(None, help="--project: the teacher's predictions of this model version (default: the project's)."),
+    url: Optional[str] = typer.Option(None, help="Label Studio address (LABEL_STUDIO_URL)."),
+    api_key: Optional[str] = typer.Option(None, help="Label Studio API key (LABEL_STUDIO_API_KEY)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Train a small detector (the student) on the corrected labels, evaluate it and the teacher's pre-annotations
+    on the same held-out images (COCO mAP), export ONNX and a model card; serve it with --detector student:OUT."""
+    from .distill.run import DistillOptions, TrainOptions, distill as run_distill, print_distill
+
+    _logging(verbose)
+    if (project is None) == (coco is None):
+        raise _fail(PrelabelError("give one source: --project ID or --coco FILE --images DIR"))
+    if coco is not None and images is None:
+        raise _fail(PrelabelError("--coco needs --images DIR (the folder holding the images)"))
+    if target != "fcos-resnet18":
+        raise _fail(PrelabelError(f"--target {target!r} is not available; supported: fcos-resnet18"))
+    if pretrained not in ("auto", "imagenet", "scratch"):
+        raise _fail(PrelabelError(f"--pretrained {pretrained!r}: use auto, imagenet or scratch"))
+    train_options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
+                                 time_limit_s=None if time_limit is None else time_limit * 60)
+    options = DistillOptions(image_size=image_size, val_fraction=val_fraction, accept_predictions=accept_predictions,
+                             pretrained=pretrained, export=export, resume=not restart, device=device or "auto",
+                             train=train_options)
+    with _failing():
+        records, labels, load, source, name = _labelled_records(project, coco, images, predictions, url, api_key,
+                                                                model_version)
+        out = out or _settings().model_dir / "students" / name
+        report = run_distill(records, labels, load, out, options, source)
+    print_distill(report)
+    typer.echo(f"student, ONNX and model card in {out}; serve it with: prelabel serve --detector student:{out}")
+
+
+def _labelled_records(project, coco, images, predictions, url, api_key, model_version):
+    """(records, labels, image loader, source description, default output name) from a project or a COCO file."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    if project is not None:
+        from .images import ImageLoader
+        from .labelstudio.annotate import open_project
+        from .labelstudio.config import parse_config
+        from .labelstudio.export import project_records
+
+        settings, client = _label_studio_client(url, api_key)
+        labels = parse_config(open_project(client, project).label_config).labels
+        records = project_records(client, project, settings.label_studio_url, model_version)
+        loader = ImageLoader(settings)
+        return (records, labels, lambda r: loader.load(r.image, r.extra.get("task_id")).array,
+                f"Label Studio project {project}", f"project-{project}")
+    from .review.sources import coco_records
+
+    records = coco_records(coco, images, predictions)
+    categories = sorted(json.loads(coco.read_text())["categories"], key=lambda c: c["id"])
+    return (records, [c["name"] for c in categories], lambda r: np.asarray(Image.open(r.image).convert("RGB")),
+            f"COCO file {coco}", coco.stem)
+
+
+@app.command()
 def fetch(
-    prompts: Optional[Path] = typer.Option(None, help="Prompts file: its detector/segmenter are fetched."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompts file: its detector/segmenter/classifier are fetched."),
     detector: Optional[str] = typer.Option(None, help="Detector: hub id or local directory, or 'none'."),
     segmenter: Optional[str] = typer.Option(None, help="Segmenter: hub id, local directory, or 'none'."),
+    classifier: Optional[str] = typer.Option(None, help="Classifier: hub id, local directory, or 'none'."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Download the models once (into the hub cache, HF_HOME) so that later starts work offline."""
+    from .models import STUDENT_PREFIX
     from .models.loading import resolve_model
     from .ontology import PromptsFile
-    from .pipeline import model_refs
+    from .pipeline import classifier_ref, model_refs
 
     _logging(verbose)
     with _failing():
-        settings = _settings(prompts=prompts, detector=_segmenter_flag(detector), segmenter=_segmenter_flag(segmenter))
-        refs = dict(zip(("detector", "segmenter"), model_refs(settings, PromptsFile.load(settings.prompts))))
+        settings = _settings(prompts=prompts, detector=_segmenter_flag(detector), segmenter=_segmenter_flag(segmenter),
+                             classifier=_segmenter_flag(classifier))
+        prompts_file = PromptsFile.load(settings.prompts)
+        refs = dict(zip(("detector", "segmenter"), model_refs(settings, prompts_file)))
+        refs["classifier"] = classifier_ref(settings, prompts_file)
         for kind, ref in refs.items():
-            if ref:
+            if ref and ref.startswith(STUDENT_PREFIX):
+                typer.echo(f"{kind}: {ref} (a local student directory: nothing to fetch)")
+            elif ref:
                 typer.echo(f"{kind}: {ref} -> {resolve_model(ref, settings.model_dir)}")
 
 
@@ -474,6 +564,69 @@ def cvat_spec(
     with _failing():
         for path in write_function_spec(function_dir, prompts, shape):
             typer.echo(f"wrote {path}")
+
+
+prompts_app = typer.Typer(help="Prompt workbench: compare candidate prompts and detectors on corrected samples.",
+                          no_args_is_help=True)
+app.add_typer(prompts_app, name="prompts")
+
+
+@prompts_app.command("eval")
+def prompts_eval(
+    candidates: Path = typer.Option(..., help="Candidates file: labels -> candidate prompts, optional models (see prompts/candidates.example.yaml)."),
+    project: Optional[int] = typer.Option(None, help="Label Studio project id: its annotated tasks are the ground truth."),
+    coco: Optional[Path] = typer.Option(None, help="A COCO file of human annotations (the ground truth)."),
+    images: Optional[Path] = typer.Option(None, help="--coco: the folder holding the images."),
+    models: Optional[str] = typer.Option(None, help="Detectors to compare, comma-separated hub ids or directories (overrides the file's models:)."),
+    out: Optional[Path] = typer.Option(None, help="report.json, prompts.yaml (the winners), curves/*.png (default: MODEL_DIR/workbench/NAME)."),
+    cache: Optional[Path] = typer.Option(None, help="Prediction cache folder (default: MODEL_DIR/cache/workbench)."),
+    min_score: float = typer.Option(0.05, min=0, max=1, help="Box threshold candidates run at (low, so the PR curve covers the range)."),
+    text_threshold: float = typer.Option(0.25, min=0, max=1, help="Mean token score a prompt must reach (written into the winners' file)."),
+    synonyms: int = typer.Option(0, min=0, help="Also evaluate each label's top N candidates together as synonyms (N >= 2)."),
+    url: Optional[str] = typer.Option(None, help="Label Studio address (LABEL_STUDIO_URL)."),
+    api_key: Optional[str] = typer.Option(None, help="Label Studio API key (LABEL_STUDIO_API_KEY)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per model batch (PRELABEL_BATCH_SIZE)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+):
+    """Run every candidate prompt (and detector) on the annotated samples: per label AP, AP50 and the best score
+    threshold, PR curves, a JSON report and the winning prompts file. Outputs are cached: a re-run computes nothing."""
+    from .images import ImageLoader
+    from .workbench import DetectParams, evaluate_prompts, print_workbench
+
+    _logging(verbose)
+    if (project is None) == (coco is None):
+        raise _fail(PrelabelError("give one source: --project ID or --coco FILE --images DIR"))
+    if coco is not None and images is None:
+        raise _fail(PrelabelError("--coco needs --images DIR (the folder holding the images)"))
+    loader = None
+    with _failing():
+        settings = _settings(device=device, batch_size=batch_size)
+        if project is not None:
+            from .labelstudio.export import project_records
+
+            ls_settings, client = _label_studio_client(url, api_key)
+            settings = _settings(device=device, batch_size=batch_size, label_studio_url=ls_settings.label_studio_url,
+                                 label_studio_api_key=ls_settings.label_studio_api_key.get_secret_value())
+            records = project_records(client, project, settings.label_studio_url)
+            loader = ImageLoader(settings)
+            name = f"project-{project}"
+        else:
+            from .review.sources import coco_records
+
+            records = coco_records(coco, images)
+            name = coco.stem
+        out = out or settings.model_dir / "workbench" / name
+        params = DetectParams(min_score, text_threshold, max_detections=settings.max_detections)
+        try:
+            report = evaluate_prompts(records, candidates, out, settings, models, cache, loader, params, synonyms)
+        finally:
+            if loader is not None:
+                loader.close()
+    print_workbench(report)
+    typer.echo(f"detector runs: {report.computed} computed, {report.cached} from the cache")
+    typer.echo(f"winning prompts: {report.outputs['prompts']}; report: {report.outputs['report']}; "
+               f"PR curves: {report.outputs['curves']}")
 
 
 @dev.command("tiny-models")

@@ -341,6 +341,10 @@ class ImageLoader:
     def label_studio_url(self) -> str | None:
         return self._ls_url
 
+    @property
+    def label_studio_key(self) -> str | None:
+        return self._auth.api_key if self._auth else None
+
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()

@@ -109,5 +109,14 @@ def prometheus(snapshot: dict) -> str:
     cache = snapshot.get("embedding_cache") or {}
     metric("embedding_cache_hit_ratio", "gauge", "SAM image-embedding cache hit rate.", [({}, cache["hit_rate"])] if "hit_rate" in cache else [])
     metric("webhook_events_total", "counter", "Webhook events stored.", [({"action": a}, n) for a, n in snapshot.get("webhook_events", {}).items()])
+    training = snapshot.get("training") or {}
+    if training:
+        progress = training.get("progress") or {}
+        metric("training_state", "gauge", "Background distillation: 1 for its current state.",
+               [({"state": training["state"], "project": training.get("project", "")}, 1)])
+        metric("training_epoch", "gauge", "Epochs finished by the running or last distillation.",
+               [({}, progress["epoch"])] if "epoch" in progress else [])
+        metric("training_val_map", "gauge", "Best validation mAP@[.5:.95] of the running or last distillation.",
+               [({}, progress["best_map"])] if "best_map" in progress else [])
     metric("memory_bytes", "gauge", "Resident memory.", [({"kind": k.removesuffix("_bytes")}, v) for k, v in snapshot["memory"].items()])
     return "\n".join(lines) + "\n"

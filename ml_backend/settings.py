@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     prompts: Path | None = None
     detector: str = DEFAULT_DETECTOR
     segmenter: str | None = DEFAULT_SEGMENTER
+    classifier: str | None = None  # CLIP/SigLIP for Choices, per-region classes and CVAT tags (else the prompts file's)
+    classifier_batch_size: int = Field(64, ge=1)  # image crops per classifier forward
     device: str = "auto"
     embedding_cache_size: int = Field(8, ge=0)
     batch_size: int = Field(4, ge=1)
@@ -45,6 +47,9 @@ class Settings(BaseSettings):
     batch_wait_ms: float = Field(10.0, ge=0)  # how long a small batch waits for concurrent requests to join it
     # Hosts images may come from besides Label Studio: names, *.suffix, IPs or CIDRs; "*" = any public address.
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # START_TRAINING runs `prelabel distill --project ID` with these extra arguments (e.g. "--epochs 20").
+    distill_args: str = ""
 
     @field_validator("allowed_hosts", mode="before")
     @classmethod

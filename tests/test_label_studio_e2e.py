@@ -29,13 +29,15 @@ def ls(label_studio):
 
 
 def upload(ls: LabelStudio, label_studio: str, project_id: int, paths: list[Path]) -> list[int]:
-    files = [("file", (p.name, p.read_bytes())) for p in paths]
+    files = [(f"file{i}", (p.name, p.read_bytes())) for i, p in enumerate(paths)]  # one field each: Label Studio keeps one file per field
     response = httpx.post(
         f"{label_studio}/api/projects/{project_id}/import", files=files,
         headers={"Authorization": f"Token {LEGACY_TOKEN}"}, timeout=60,
     )
     response.raise_for_status()
-    return sorted(task.id for task in ls.tasks.list(project=project_id))
+    ids = sorted(task.id for task in ls.tasks.list(project=project_id))
+    assert len(ids) == len(paths), f"{len(paths)} files uploaded, {len(ids)} tasks made"
+    return ids
 
 
 def test_retrieve_predictions_stores_one_valid_prediction_per_task(label_studio, ls, start_backend, image_dir):

@@ -45,7 +45,7 @@ class Predictor:
         self.backend = LabelStudioBackend.for_batch(Pipeline.from_settings(settings))
         self.config = parse_config(config_xml)
         self.ontology = self.backend.ontology_for(self.config)
-        self.version = self.backend.pipeline.model_version(self.ontology)
+        self.version = self.backend.version_for(self.config, self.ontology)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tasks = [{"id": int(i), "data": json.loads(d)} for i, d in zip(batch["id"], batch["data"])]

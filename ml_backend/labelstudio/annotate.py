@@ -104,7 +104,7 @@ def annotate_project(
     project = open_project(client, project_id)
     config = parse_config(project.label_config)
     ontology = backend.ontology_for(config)
-    version = backend.pipeline.model_version(ontology)
+    version = backend.version_for(config, ontology)
     todo, skipped = pending_tasks(client, project_id, version, only_unlabeled, limit)
     report = Report(total=len(todo), skipped=skipped, model_version=version)
     log.info("project %s: %d tasks to pre-annotate with %s (%s)", project_id, len(todo), version,
@@ -191,7 +191,7 @@ def annotate_folder(
     out.label_config.write_text(xml + "\n")
     config = parse_config(xml)
     ontology = backend.ontology_for(config)
-    version = backend.pipeline.model_version(ontology)
+    version = backend.version_for(config, ontology)
     files = image_files(folder)
     if not files:
         raise ConfigError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")

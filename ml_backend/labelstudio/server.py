@@ -25,8 +25,17 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from ..errors import InferenceError, OverloadedError, PrelabelError, RequestTooLargeError, describe_validation
+from ..errors import (
+    ConfigError,
+    InferenceError,
+    OverloadedError,
+    PrelabelError,
+    RequestError,
+    RequestTooLargeError,
+    describe_validation,
+)
 from ..images import ImageLoader
+from ..jobs import DistillJob
 from ..metrics import Metrics, prometheus
 from ..pipeline import Pipeline
 from .backend import (
@@ -37,6 +46,7 @@ from .backend import (
     SetupRequest,
     WebhookRequest,
     is_interactive,
+    project_id,
     task_error,
 )
 from .store import EventStore
@@ -315,10 +325,12 @@ def create_app(pipeline: Pipeline, loader: ImageLoader | None = None, store: Eve
     backend = LabelStudioBackend(pipeline, loader, store, metrics)
     worker = InferenceWorker(backend, metrics, settings.batch_size, settings.batch_wait_ms / 1000)
     admitted = {"batch": 0, "interactive": 0}  # requests in flight per lane (touched on the event loop only)
+    training = DistillJob(settings.model_dir / "students", settings.distill_args)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        training.stop()
         worker.close()
         loader.close()
         store.close()
@@ -331,6 +343,7 @@ def create_app(pipeline: Pipeline, loader: ImageLoader | None = None, store: Eve
     app.state.backend = backend
     app.state.metrics = metrics
     app.state.worker = worker
+    app.state.training = training
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, metrics=metrics)
 
     user = settings.basic_auth_user
@@ -380,6 +393,7 @@ def create_app(pipeline: Pipeline, loader: ImageLoader | None = None, store: Eve
             "model_class": "prelabel",
             "detector": pipeline.detector.model_id,
             "segmenter": pipeline.segmenter.model_id if pipeline.segmenter else None,
+            "classifier": pipeline.classifier.model_id if pipeline.classifier else None,
         }
 
     @app.get("/metrics", responses={200: {"content": {"text/plain": {}}}})
@@ -392,6 +406,7 @@ def create_app(pipeline: Pipeline, loader: ImageLoader | None = None, store: Eve
             lookups = cache.get("hits", 0) + cache.get("misses", 0)
             snapshot["embedding_cache"] = cache | {"hit_rate": round(cache.get("hits", 0) / lookups, 4) if lookups else 0.0}
         snapshot["webhook_events"] = store.counts()
+        snapshot["training"] = training.status()
         if format == "prometheus":
             return PlainTextResponse(prometheus(snapshot), media_type="text/plain; version=0.0.4")
         return JSONResponse(snapshot)
@@ -426,7 +441,20 @@ def create_app(pipeline: Pipeline, loader: ImageLoader | None = None, store: Eve
     @app.post("/webhook")
     async def webhook(req: WebhookRequest) -> JSONResponse:
         status, body = await run_in_threadpool(backend.webhook, req)
+        if req.action == "START_TRAINING":
+            body["training"] = start_training(req)
         return JSONResponse(body, status_code=status)
+
+    def start_training(req: WebhookRequest) -> dict:
+        """START_TRAINING runs `prelabel distill` on the project in the background (see /metrics "training")."""
+        pid = project_id(req.project)
+        if pid is None:
+            raise RequestError("START_TRAINING needs the project (its id) to train on")
+        url, key = loader.label_studio_url, loader.label_studio_key
+        if not url or not key:
+            raise ConfigError("START_TRAINING reads the project's annotations from Label Studio: set LABEL_STUDIO_URL "
+                              "and LABEL_STUDIO_API_KEY (or connect the backend with an access token)")
+        return training.start(pid, url, key)
 
     @app.get("/versions")
     def versions() -> dict:

@@ -24,9 +24,23 @@ def _model_type(path: Path) -> str:
         raise ModelUnavailableError(f"{path} has no readable config.json with a model_type") from None
 
 
+STUDENT_PREFIX = "student:"
+
+
 def build_detector(ref: str, model_dir: Path, device: torch.device, batch_size: int = 4) -> Detector:
+    """A hub id or directory of an open-vocabulary detector, or `student:DIR` for a distilled student."""
     from .grounding_dino import SUPPORTED_TYPES, GroundingDinoDetector
 
+    if ref.startswith(STUDENT_PREFIX):
+        from .student import StudentDetector
+
+        directory = Path(ref[len(STUDENT_PREFIX):]).expanduser()
+        if not directory.is_dir() and (model_dir / directory).is_dir():
+            directory = model_dir / directory
+        if not directory.is_dir():
+            raise ModelUnavailableError(f"student directory {directory} does not exist (from --detector {ref})")
+        log.info("loading student detector from %s on %s", directory, device)
+        return StudentDetector(directory, device, batch_size)
     path = resolve_model(ref, model_dir)
     kind = _model_type(path)
     if kind not in SUPPORTED_TYPES:
