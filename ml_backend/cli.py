@@ -495,6 +495,10 @@ def distill(
         report = run_distill(records, labels, load, out, options, source)
     print_distill(report)
     typer.echo(f"student, ONNX and model card in {out}; serve it with: prelabel serve --detector student:{out}")
+    if report["training"]["stopped"] == "interrupted":
+        typer.secho("training was interrupted: the best epoch so far is exported; run the same command again to "
+                    "resume", fg="yellow", err=True)
+        raise typer.Exit(1)
 
 
 def _labelled_records(project, coco, images, predictions, url, api_key, model_version):

@@ -44,13 +44,24 @@ def distill_cmd(root: Path, out: Path, *extra: str) -> list[str]:
             *TRAIN_ARGS, *extra]
 
 
+def write_teacher(root: Path) -> Path:
+    """A teacher that finds every circle and square exactly and never a triangle: AP 1, 1 and 0."""
+    doc = json.loads((root / "annotations.json").read_text())
+    triangle = next(c["id"] for c in doc["categories"] if c["name"] == "triangle")
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
+               for a in doc["annotations"] if a["category_id"] != triangle]
+    path = root / "teacher.json"
+    path.write_text(json.dumps(results))
+    return path
+
+
 @pytest.fixture(scope="module")
 def student(shapes, tmp_path_factory) -> tuple[Path, dict]:
     """One real training run through the CLI, killed (SIGKILL) once its first checkpoint is written and then
     finished by running the same command again."""
     root, _ = shapes
     out = tmp_path_factory.mktemp("student")
-    cmd = distill_cmd(root, out, "--epochs", "16")
+    cmd = distill_cmd(root, out, "--epochs", "16", "--predictions", str(write_teacher(root)))
     env = os.environ | {"OMP_NUM_THREADS": "2"}
     proc = subprocess.Popen([sys.executable, "-m", "ml_backend.cli", *cmd], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
@@ -127,8 +138,13 @@ def test_a_short_training_run_beats_chance_by_a_wide_margin_and_resumed_after_a_
     assert chance.map50 < 0.05
     assert report["student"]["map50"] >= 0.3 and report["student"]["map50"] >= 10 * chance.map50
     assert report["student"]["runtime"] == "onnx" and report["student"]["images"] == len(val)
-    assert report["teacher"] is None  # the COCO file carried no predictions
+    teacher = report["teacher"]
+    assert teacher["images"] == len(val) and teacher["missing_predictions"] == 0
+    assert {n: teacher["per_label"][n]["ap"] for n in SHAPES} == {"circle": 1.0, "square": 1.0, "triangle": 0.0}
+    assert teacher["map"] == pytest.approx(2 / 3, abs=1e-3)
+    assert report["student_vs_teacher"]["map"] == pytest.approx(report["student"]["map"] - teacher["map"], abs=1e-3)
     card = (out / "MODEL_CARD.md").read_text()
+    assert "| teacher (stored predictions) | 0.667 |" in card
     for needle in ("| circle |", "| square |", "| triangle |", "BSD-3-Clause", "onnxruntime", "from scratch",
                    f"{report['data']['train_images']} training images"):
         assert needle in card

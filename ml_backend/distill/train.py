@@ -113,6 +113,8 @@ def train(
     checkpoint = out / CHECKPOINT
     if resume and checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        # where training started (ImageNet or scratch) no longer matters once there are trained weights
+        config.pretrained_backbone = state["config"].get("pretrained_backbone", config.pretrained_backbone)
         if state["config"] != asdict(config):
             raise DistillError(f"{checkpoint} was trained with another configuration ({state['config']}); "
                                f"use another --out, or --restart to start over")

@@ -110,6 +110,17 @@ def _choice_control(tag, to_name: str, data_key: str) -> ChoiceControl:
     )
 
 
+def _images(interface, tag):
+    """(name, task data key) of each <Image> the control labels; other objects are not ours."""
+    for to_name in tag.to_name:
+        obj = interface.get_object(to_name)
+        if obj is None or obj.tag != "Image":
+            continue
+        if not obj.value.startswith("$"):
+            raise ConfigError(f"<Image name={to_name!r}> must take its URL from task data (value=\"$key\")")
+        yield to_name, obj.value_name
+
+
 @functools.lru_cache(maxsize=64)
 def parse_config(config: str) -> ProjectConfig:
     if not isinstance(config, str) or not config.strip():
@@ -121,25 +132,15 @@ def parse_config(config: str) -> ProjectConfig:
     controls, labels, predicted, choices = [], [], {}, []
     for tag in interface.controls:
         if tag.tag == "Choices":
-            for to_name in tag.to_name:
-                obj = interface.get_object(to_name)
-                if obj is None or obj.tag != "Image":
-                    continue
-                if not obj.value.startswith("$"):
-                    raise ConfigError(f"<Image name={to_name!r}> must take its URL from task data (value=\"$key\")")
+            for to_name, data_key in _images(interface, tag):
                 if not tag.labels:
                     raise ConfigError(f"<Choices name={tag.name!r}> has no <Choice> to classify into")
-                choices.append(_choice_control(tag, to_name, obj.value_name))
+                choices.append(_choice_control(tag, to_name, data_key))
             continue
         if tag.tag not in OUTPUT_TAGS:
             continue
-        for to_name in tag.to_name:
-            obj = interface.get_object(to_name)
-            if obj is None or obj.tag != "Image":
-                continue
-            if not obj.value.startswith("$"):
-                raise ConfigError(f"<Image name={to_name!r}> must take its URL from task data (value=\"$key\")")
-            controls.append(Control(OUTPUT_TAGS[tag.tag], tag.name, to_name, obj.value_name, tuple(tag.labels)))
+        for to_name, data_key in _images(interface, tag):
+            controls.append(Control(OUTPUT_TAGS[tag.tag], tag.name, to_name, data_key, tuple(tag.labels)))
         for name, label_tag in (tag.labels_attrs or {}).items():
             labels.append(name)
             values = label_tag.attr.get("predicted_values")
