@@ -364,3 +364,21 @@ def test_start_training_from_label_studio_distills_in_the_background(label_studi
         assert f'prelabel_training_state{{state="done",project="{project.id}"}} 1' in text
     finally:
         server.stop()
+
+
+def test_pretrained_backbone_weights_come_from_the_torch_cache_never_from_the_network_offline(tmp_path, monkeypatch):
+    from ml_backend.distill.run import backbone_weights
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    assert backbone_weights("scratch") is None
+    assert backbone_weights("auto") is None  # not cached, offline: from scratch
+    with pytest.raises(DistillError, match="ImageNet weights are not cached .*HF_HUB_OFFLINE is set"):
+        backbone_weights("imagenet")
+    from torchvision.models import ResNet18_Weights
+
+    cached = tmp_path / "hub" / "checkpoints" / Path(ResNet18_Weights.IMAGENET1K_V1.url).name
+    cached.parent.mkdir(parents=True)
+    cached.touch()
+    assert backbone_weights("auto") is ResNet18_Weights.IMAGENET1K_V1
+    assert backbone_weights("imagenet") is ResNet18_Weights.IMAGENET1K_V1

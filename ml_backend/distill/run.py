@@ -19,6 +19,7 @@ import torch
 from ..evaluation import coco_evaluate
 from ..jobs import STATE_FILE
 from ..models import pick_device
+from ..models.loading import hub_offline
 from ..models.student import StudentConfig, StudentDetector
 from ..ontology import LabelSpec, Ontology
 from ..types import LabeledImage
@@ -62,16 +63,19 @@ def backbone_weights(mode: str):
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     if cached.exists():
         return weights
-    try:
-        socket.create_connection(("download.pytorch.org", 443), timeout=3).close()
-        reachable = True
-    except OSError:
-        reachable = False
+    if hub_offline():  # the user said: no network
+        reachable, why = False, "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            socket.create_connection(("download.pytorch.org", 443), timeout=3).close()
+            reachable, why = True, ""
+        except OSError:
+            reachable, why = False, "download.pytorch.org cannot be reached"
     if reachable:
         return weights
     if mode == "imagenet":
-        raise DistillError(f"ImageNet weights are not cached ({cached}) and download.pytorch.org cannot be reached; "
-                           "use --pretrained scratch, or copy the file there")
+        raise DistillError(f"ImageNet weights are not cached ({cached}) and {why}; use --pretrained scratch, or "
+                           "copy the file there")
     log.warning("no ImageNet backbone weights (not cached, no network): training from scratch")
     return None
 
