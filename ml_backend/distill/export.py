@@ -82,9 +82,14 @@ def speed_table(directory: Path, repeats: int = 5) -> list[dict]:
                      "s_per_image": time_runtime(lambda b: session.run(None, {"images": b}), batch, repeats)})
         if torch.cuda.is_available():
             cuda = raw.cuda()
+
+            def on_gpu(b: np.ndarray) -> None:
+                cuda(torch.from_numpy(b).cuda())
+                torch.cuda.synchronize()
+
             with torch.inference_mode():
                 rows.append({"runtime": "pytorch", "device": "cuda", "batch": batch_size,
-                             "s_per_image": time_runtime(lambda b: cuda(torch.from_numpy(b).cuda()).__len__(), batch, repeats)})
+                             "s_per_image": time_runtime(on_gpu, batch, repeats)})
             raw = raw.cpu()
     return rows
 
