@@ -132,13 +132,13 @@ def train(
     loader = torch.utils.data.DataLoader(train_set, batch_size=options.batch_size, shuffle=True, collate_fn=collate,
                                          generator=generator, drop_last=drop_last)
     stopped = "completed"
-    if first_epoch and history and first_epoch - best_epoch > options.patience:
+    if first_epoch and history and first_epoch - best_epoch >= options.patience:  # it had stopped early
         stopped = "early stop"
     epoch = first_epoch
     progress = _progress(show_progress)
     try:
         with progress:
-            bar = progress.add_task("training", total=options.epochs * steps_per_epoch,
+            bar = progress.add_task("training", total=plan["epochs"] * steps_per_epoch,
                                     completed=first_epoch * steps_per_epoch, info="")
             for epoch in range(first_epoch, options.epochs):
                 if stopped != "completed":
@@ -162,7 +162,7 @@ def train(
                     optimizer.step()
                     scheduler.step()
                     losses.append(loss.item())
-                    progress.update(bar, advance=1, info=f"epoch {epoch + 1}/{options.epochs}  loss {np.mean(losses):.3f}"
+                    progress.update(bar, advance=1, info=f"epoch {epoch + 1}/{plan['epochs']}  loss {np.mean(losses):.3f}"
                                     f"  val mAP {best_map if best_map >= 0 else 0:.3f} (best)")
                 metrics = validate(model, val_set, config.classes, options.eval_threshold)
                 entry = {"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 4), "val_map": metrics["map"],
@@ -170,7 +170,7 @@ def train(
                 history.append(entry)
                 if metrics["map"] > best_map:
                     best_map, best_epoch = metrics["map"], epoch + 1
-                    torch.save(model.state_dict(), out / WEIGHTS_FILE)
+                    _save_atomically(model.state_dict(), out / WEIGHTS_FILE)
                     config.save(out)
                 if options.time_limit_s is not None and epoch == first_epoch and not resumed_from:
                     # the learning rate decays over the epochs that fit in the limit, not over --epochs
@@ -180,12 +180,12 @@ def train(
                     log.info("time limit: %d epochs fit, the learning rate decays over them", plan["epochs"])
                 _save_checkpoint(checkpoint, model, optimizer, scheduler, epoch, history, best_map, best_epoch, config,
                                  plan["epochs"])
-                progress.update(bar, info=f"epoch {epoch + 1}/{options.epochs}  loss {entry['loss']:.3f}  "
+                progress.update(bar, info=f"epoch {epoch + 1}/{plan['epochs']}  loss {entry['loss']:.3f}  "
                                 f"val mAP {metrics['map']:.3f} / mAP50 {metrics['map50']:.3f}")
                 log.info("epoch %d: loss %.3f, val mAP %.3f, mAP50 %.3f (%.0f s)", epoch + 1, entry["loss"],
                          metrics["map"], metrics["map50"], entry["seconds"])
                 if on_epoch:
-                    on_epoch(entry | {"epochs": options.epochs, "best_map": best_map, "best_epoch": best_epoch})
+                    on_epoch(entry | {"epochs": plan["epochs"], "best_map": best_map, "best_epoch": best_epoch})
                 if epoch + 1 - best_epoch >= options.patience:
                     stopped = "early stop"
                 elif options.time_limit_s is not None:
@@ -200,7 +200,8 @@ def train(
 
 def _save_checkpoint(path: Path, model, optimizer, scheduler, epoch, history, best_map, best_epoch, config,
                      planned_epochs: int) -> None:
-    """Written to a temporary file and renamed, so a crash mid-write leaves the previous checkpoint whole."""
+    """Written to a temporary file and renamed (as the best weights are), so a crash mid-write leaves the previous
+    file whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
@@ -208,8 +209,12 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, epoch, history, be
         "config": asdict(config), "planned_epochs": planned_epochs,
         "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
     }
+    _save_atomically(state, path)
+
+
+def _save_atomically(obj, path: Path) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
+    torch.save(obj, tmp)
     tmp.replace(path)
 
 
