@@ -171,7 +171,7 @@ def test_the_onnx_model_gives_the_same_detections_as_pytorch(shapes, student):
 
 def tensors(records: list[LabeledImage], size: int = 64) -> TensorSet:
     arrays = [np.asarray(Image.open(r.image).convert("RGB")) for r in records]
-    return TensorSet(arrays, [r.annotations for r in records], list(SHAPES), size, augment=True)
+    return TensorSet.from_arrays(arrays, [r.annotations for r in records], list(SHAPES), size, augment=True)
 
 
 def test_an_interrupted_training_resumes_exactly_where_it_stopped(shapes, tmp_path):

@@ -89,21 +89,26 @@ def write_coco(examples: list[Example], labels: list[str], path: Path) -> None:
 
 
 class TensorSet(torch.utils.data.Dataset):
-    """Letterboxed uint8 images (3, S, S) held in memory with their targets in input pixels."""
+    """Letterboxed uint8 images (3, S, S) held in memory with their targets in input pixels. `boxed[i]` is
+    `letterbox(image, size)`: (array, scale); full-size images are never kept (see `from_arrays`)."""
 
-    def __init__(self, images: list[np.ndarray], truths: list[sv.Detections], labels: list[str], size: int,
-                 augment: bool = False):
+    def __init__(self, boxed: list[tuple[np.ndarray, float]], truths: list[sv.Detections], labels: list[str],
+                 size: int, augment: bool = False):
         self.size, self.augment = size, augment
         self.images, self.targets = [], []
         index = {name: i for i, name in enumerate(labels)}
-        for array, truth in zip(images, truths):
-            boxed, scale = letterbox(array, size)
-            self.images.append(torch.from_numpy(boxed))
+        for (array, scale), truth in zip(boxed, truths):
+            self.images.append(torch.from_numpy(array))
             names = [str(n) for n in truth.data.get("class_name", [])]
             self.targets.append({
                 "boxes": torch.as_tensor(truth.xyxy * scale, dtype=torch.float32).reshape(-1, 4),
                 "labels": torch.as_tensor([index[n] for n in names], dtype=torch.int64),
             })
+
+    @classmethod
+    def from_arrays(cls, images: list[np.ndarray], truths: list[sv.Detections], labels: list[str], size: int,
+                    augment: bool = False) -> TensorSet:
+        return cls([letterbox(a, size) for a in images], truths, labels, size, augment)
 
     def __len__(self) -> int:
         return len(self.images)

@@ -95,22 +95,27 @@ def _split_keys(out: Path, train_ex: list[Example], val_ex: list[Example], seed:
     path.write_text(json.dumps(split, indent=1))
 
 
-def load_images(examples: list[Example], load: Callable[[LabeledImage], np.ndarray]) -> tuple[list, list, list[dict]]:
-    """(examples whose image loaded, their arrays, failures `{"image", "error"}`) with a progress bar."""
+def load_images(examples: list[Example], load: Callable[[LabeledImage], np.ndarray], size: int
+                ) -> tuple[list[Example], list[tuple[np.ndarray, float]], list[tuple[int, int]], list[dict]]:
+    """(examples whose image loaded, their letterboxed arrays with scales, their (width, height), failures
+    `{"image", "error"}`), with a progress bar. Only the letterboxed copy stays in memory."""
+    from ..models.student import letterbox
     from ..runner import progress_bar
 
-    kept, arrays, failed = [], [], []
+    kept, boxed, sizes, failed = [], [], [], []
     with progress_bar("loading images") as progress:
         bar = progress.add_task("loading", total=len(examples))
         for e in examples:
             try:
-                arrays.append(load(e.record))
+                array = load(e.record)
+                boxed.append(letterbox(array, size))
+                sizes.append((array.shape[1], array.shape[0]))
                 kept.append(e)
             except Exception as exc:  # noqa: BLE001 - every failure is reported by image, none silently dropped
                 failed.append({"image": e.record.key, "error": f"{type(exc).__name__}: {exc}"})
                 log.warning("image %s cannot be used: %s", e.record.key, exc)
             progress.advance(bar)
-    return kept, arrays, failed
+    return kept, boxed, sizes, failed
 
 
 def distill(
@@ -149,15 +154,16 @@ def distill(
     log.info("%s: %d training and %d validation images, classes %s", source, len(train_ex), len(val_ex), classes)
 
     write_state(out, state="loading images")
-    train_ex, train_arrays, failed = load_images(train_ex, load)
-    val_ex, val_arrays, val_failed = load_images(val_ex, load)
+    size = options.image_size
+    train_ex, train_boxed, _, failed = load_images(train_ex, load, size)
+    val_ex, val_boxed, val_sizes, val_failed = load_images(val_ex, load, size)
     failed += val_failed
     weights = backbone_weights(options.pretrained)
     config = StudentConfig(classes=classes, image_size=options.image_size, fpn_channels=options.fpn_channels,
                            pretrained_backbone=weights is not None)
-    size = options.image_size
-    train_set = TensorSet(train_arrays, [e.truth for e in train_ex], classes, size, augment=True)
-    val_set = TensorSet(val_arrays, [e.truth for e in val_ex], classes, size)
+    train_set = TensorSet(train_boxed, [e.truth for e in train_ex], classes, size, augment=True)
+    val_set = TensorSet(val_boxed, [e.truth for e in val_ex], classes, size)
+    del train_boxed, val_boxed
     device = pick_device(options.device)
 
     write_state(out, state="training", epoch=0, epochs=options.train.epochs)
@@ -184,8 +190,8 @@ def distill(
         report["speed"] = speed_table(out)
 
     write_state(out, state="evaluating")
-    report["student"] = evaluate_student(out, val_ex, val_arrays, classes, options.train.eval_threshold)
-    report["teacher"] = evaluate_teacher(val_ex, val_arrays, classes)
+    report["student"] = evaluate_student(out, val_ex, load, classes, options.train.eval_threshold)
+    report["teacher"] = evaluate_teacher(val_ex, val_sizes, classes)
     if report["teacher"]:
         report["student_vs_teacher"] = {
             "map": round(report["student"]["map"] - report["teacher"]["map"], 4),
@@ -198,23 +204,27 @@ def distill(
     return report
 
 
-def evaluate_student(directory: Path, examples: list[Example], arrays: list[np.ndarray], classes: list[str],
-                     threshold: float) -> dict:
-    """The served path: `StudentDetector` (ONNX Runtime when exported) on the original validation images."""
+def evaluate_student(directory: Path, examples: list[Example], load: Callable[[LabeledImage], np.ndarray],
+                     classes: list[str], threshold: float) -> dict:
+    """The served path: `StudentDetector` (ONNX Runtime when exported) on the original validation images, loaded
+    again one at a time."""
     detector = StudentDetector(directory)
     ontology = Ontology(tuple(LabelSpec(c, (c.casefold(),), threshold) for c in classes), nms_iou=0.6)
-    predictions = detector.detect(arrays, ontology)
-    sizes = [(a.shape[1], a.shape[0]) for a in arrays]
+    predictions, sizes = [], []
+    for e in examples:
+        array = load(e.record)
+        predictions += detector.detect([array], ontology)
+        sizes.append((array.shape[1], array.shape[0]))
     result = coco_evaluate([e.truth for e in examples], predictions, classes, sizes)
     return result.as_dict() | {"runtime": detector.runtime, "model_id": detector.model_id}
 
 
-def evaluate_teacher(examples: list[Example], arrays: list[np.ndarray], classes: list[str]) -> dict | None:
-    """The stored pre-annotations on the same validation images, if the records carry them."""
+def evaluate_teacher(examples: list[Example], sizes: list[tuple[int, int]], classes: list[str]) -> dict | None:
+    """The stored pre-annotations on the same validation images (of `sizes`), if the records carry them."""
     with_predictions = [i for i, e in enumerate(examples) if e.record.predictions is not None]
     if not with_predictions:
         return None
-    sizes = [(arrays[i].shape[1], arrays[i].shape[0]) for i in with_predictions]
+    sizes = [sizes[i] for i in with_predictions]
     result = coco_evaluate([examples[i].truth for i in with_predictions],
                            [examples[i].record.predictions for i in with_predictions], classes, sizes)
     versions = sorted({examples[i].record.model_version for i in with_predictions if examples[i].record.model_version})
