@@ -248,7 +248,8 @@ def annotate(
                 raise PrelabelError("folder mode needs --out DIR")
             root = _settings().local_files_document_root or folder.expanduser().resolve().parent
             settings = _settings(**overrides, local_files_document_root=root)
-        pipeline = Pipeline.from_settings(settings)
+        # with Ray the actors load the models; here only their ids are needed (for the model version)
+        pipeline = Pipeline.from_settings(settings, load=engine != "ray" or project is None)
         backend = LabelStudioBackend.for_batch(pipeline)
         run_engine = None
         if engine == "ray":

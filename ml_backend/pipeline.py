@@ -13,7 +13,7 @@ import numpy as np
 import supervision as sv
 
 from .errors import ConfigError
-from .models import Detector, Segmenter, build_detector, build_segmenter, pick_device
+from .models import Detector, Segmenter, UnloadedModel, build_detector, build_segmenter, model_id, pick_device
 from .models.base import Classifier
 from .ontology import Classification, Ontology, PromptsFile
 from .settings import Settings
@@ -69,10 +69,16 @@ class Pipeline:
         self.classifier = classifier
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Pipeline:
-        """Load models once (see `model_refs` for which)."""
+    def from_settings(cls, settings: Settings, load: bool = True) -> Pipeline:
+        """Load models once (see `model_refs` for which). `load=False`: models known by id only (`UnloadedModel`),
+        for a process that computes model versions while others run the models (the Ray driver)."""
         prompts = PromptsFile.load(settings.prompts)
         detector_ref, segmenter_ref = model_refs(settings, prompts)
+        if not load:
+            ids = [model_id(r, settings.model_dir) if r else None
+                   for r in (detector_ref, segmenter_ref, classifier_ref(settings, prompts))]
+            det, seg, clf = (UnloadedModel(i) if i else None for i in ids)
+            return cls(det, seg, prompts, settings, clf)
         device = pick_device(settings.device)
         detector = build_detector(detector_ref, settings.model_dir, device, settings.batch_size)
         segmenter = (

@@ -230,6 +230,9 @@ def test_the_student_pre_annotates_label_studio_tasks_through_predict(shapes, st
                         prompts=None)
     pipeline = Pipeline.from_settings(settings)
     assert isinstance(pipeline.detector, StudentDetector) and pipeline.detector.runtime == "onnx"
+    # a version computed without loading the student (as the Ray driver does) is the served one
+    assert Pipeline.from_settings(settings, load=False).base_version == pipeline.base_version
+    assert StudentDetector(out, runtime="torch").model_id == pipeline.detector.model_id
     server = RunningServer(create_app(pipeline))
     try:
         val_keys = json.loads((out / "split.json").read_text())["val"][:4]

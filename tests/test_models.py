@@ -190,3 +190,15 @@ def test_query_chunked_deformable_attention_matches_transformers(tiny_models):
     with torch.inference_mode():
         a, b = reference(**inputs), chunked(**inputs)
     assert torch.allclose(a.logits, b.logits, atol=1e-5) and torch.allclose(a.pred_boxes, b.pred_boxes, atol=1e-6)
+
+
+def test_a_pipeline_known_by_model_ids_only_versions_like_the_loaded_one(base_pipeline):
+    from ml_backend.pipeline import Pipeline
+
+    ids_only = Pipeline.from_settings(base_pipeline.settings, load=False)
+    assert ids_only.detector.model_id == base_pipeline.detector.model_id
+    assert ids_only.segmenter.model_id == base_pipeline.segmenter.model_id
+    ontology = base_pipeline.ontology(["Car", "Person"])
+    assert ids_only.model_version(ontology) == base_pipeline.model_version(ontology)
+    with pytest.raises(RuntimeError, match="not loaded in this process"):
+        ids_only.detect([np.zeros((8, 8, 3), np.uint8)], ontology)

@@ -14,7 +14,7 @@ from .loading import pick_device, resolve_model
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Detector", "Segmenter", "build_detector", "build_segmenter", "pick_device"]
+__all__ = ["Detector", "Segmenter", "UnloadedModel", "build_detector", "build_segmenter", "model_id", "pick_device"]
 
 
 def _model_type(path: Path) -> str:
@@ -34,11 +34,7 @@ def build_detector(ref: str, model_dir: Path, device: torch.device, batch_size: 
     if ref.startswith(STUDENT_PREFIX):
         from .student import StudentDetector
 
-        directory = Path(ref[len(STUDENT_PREFIX):]).expanduser()
-        if not directory.is_dir() and (model_dir / directory).is_dir():
-            directory = model_dir / directory
-        if not directory.is_dir():
-            raise ModelUnavailableError(f"student directory {directory} does not exist (from --detector {ref})")
+        directory = student_directory(ref, model_dir)
         log.info("loading student detector from %s on %s", directory, device)
         return StudentDetector(directory, device, batch_size)
     path = resolve_model(ref, model_dir)
@@ -47,6 +43,35 @@ def build_detector(ref: str, model_dir: Path, device: torch.device, batch_size: 
         raise ModelUnavailableError(f"detector {ref!r} is a {kind!r} model; supported: {sorted(SUPPORTED_TYPES)}")
     log.info("loading detector %s from %s on %s", ref, path, device)
     return GroundingDinoDetector(path, ref, device, batch_size)
+
+
+def student_directory(ref: str, model_dir: Path) -> Path:
+    """`student:DIR`: DIR as given, else below MODEL_DIR."""
+    directory = Path(ref[len(STUDENT_PREFIX):]).expanduser()
+    if not directory.is_dir() and (model_dir / directory).is_dir():
+        directory = model_dir / directory
+    if not directory.is_dir():
+        raise ModelUnavailableError(f"student directory {directory} does not exist (from --detector {ref})")
+    return directory
+
+
+def model_id(ref: str, model_dir: Path) -> str:
+    """The `model_id` the model built from `ref` will have, without loading it (model versions are made of these)."""
+    if ref.startswith(STUDENT_PREFIX):
+        from .student import student_id
+
+        return student_id(student_directory(ref, model_dir))
+    return ref
+
+
+class UnloadedModel:
+    """A model known by its id only, where it runs elsewhere (Ray actors) and this process only needs versions."""
+
+    def __init__(self, model_id: str):
+        self.model_id = model_id
+
+    def __getattr__(self, name: str):
+        raise RuntimeError(f"model {self.model_id} is not loaded in this process (only its id is known)")
 
 
 def build_segmenter(ref: str, model_dir: Path, device: torch.device, cache_size: int = 8) -> Segmenter:

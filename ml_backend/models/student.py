@@ -167,6 +167,16 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:8]
 
 
+def student_id(directory: Path) -> str:
+    """The student's model id: its directory's name and its trained weights' digest (the ONNX file derives from
+    them), the same whichever runtime serves it."""
+    path = Path(directory) / WEIGHTS_FILE
+    try:
+        return f"student-{Path(directory).name}-{file_digest(path)}"
+    except OSError as exc:
+        raise ModelUnavailableError(f"{path} cannot be read: {exc}") from None
+
+
 def load_student_weights(directory: Path) -> tuple[StudentConfig, nn.Module]:
     config = StudentConfig.load(directory)
     model = build_student(config)
@@ -201,13 +211,13 @@ class StudentDetector:
             if not onnx_path.exists():
                 raise ModelUnavailableError(f"{onnx_path} does not exist; run `prelabel distill` with export first")
             self.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-            self.runtime, digest = "onnx", file_digest(onnx_path)
+            self.runtime = "onnx"
         else:
             _, model = load_student_weights(self.directory)
             self.device = device or torch.device("cpu")
             self.raw = StudentRaw(model, self.config.image_size).to(self.device).eval()
-            self.runtime, digest = "torch", file_digest(self.directory / WEIGHTS_FILE)
-        self.model_id = f"student-{self.directory.name}-{digest}"
+            self.runtime = "torch"
+        self.model_id = student_id(self.directory)
         self._warned: set[str] = set()
 
     def raw_outputs(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
