@@ -10,6 +10,21 @@ import numpy as np
 import supervision as sv
 
 
+def box_iou(a, b) -> np.ndarray:
+    """Pairwise IoU (N, M) of absolute xyxy boxes (N, 4) x (M, 4), in float64; 0 where both boxes are empty."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area_a, area_b = (np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), axis=1) for x in (a, b))
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray:
+    """The exact xyxy box of a non-empty boolean mask, pixel edges included (a pixel at column x spans [x, x + 1))."""
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+
+
 def make_detections(xyxy, confidence, class_id, names, mask=None, **data) -> sv.Detections:
     return sv.Detections(
         xyxy=np.asarray(xyxy, np.float32).reshape(-1, 4),

@@ -3,7 +3,7 @@ final box from scratch.
 
 The measure, per task (one image), on two `sv.Detections` in absolute pixel xyxy, labels in `data["class_name"]`:
 
-1. Match predicted boxes to annotated boxes one-to-one, maximising the summed IoU (`torchvision.ops.box_iou`):
+1. Match predicted boxes to annotated boxes one-to-one, maximising the summed IoU (`types.box_iou`):
    Hungarian assignment (`scipy.optimize.linear_sum_assignment`) when scipy is installed, else greedy by IoU, highest
    first. Labels do not take part in matching (a relabelled box is still the same box), except that among equal IoUs
    same-label pairs win. A pair with IoU 0 is no match.
@@ -44,7 +44,7 @@ import numpy as np
 import supervision as sv
 
 from ..errors import PrelabelError
-from ..types import LabeledImage
+from ..types import LabeledImage, box_iou
 
 log = logging.getLogger(__name__)
 
@@ -167,17 +167,6 @@ def _labels(detections: sv.Detections | None) -> list[str]:
     if detections.class_id is not None:
         return [str(c) for c in detections.class_id]
     raise EffortError("detections carry neither data['class_name'] nor class_id: cannot tell their labels")
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU (N, M) of absolute xyxy boxes, in float64."""
-    from torchvision.ops import box_iou as tv_box_iou
-    import torch
-
-    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
-    if not len(a) or not len(b):
-        return np.zeros((len(a), len(b)))
-    return tv_box_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy()
 
 
 def _hungarian(score: np.ndarray) -> list[tuple[int, int]] | None:

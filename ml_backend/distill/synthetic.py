@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .. import coco as coco_format
-from ..types import LabeledImage, make_detections
+from ..types import LabeledImage, make_detections, mask_box
 
 SHAPES = ("circle", "square", "triangle")
 
@@ -87,7 +87,7 @@ def generate(out_dir: Path, images: int = 200, seed: int = 0, size: tuple[int, i
         array, names, masks = synthetic_image(rng, size, max_objects, object_size, classes=classes)
         name = f"synthetic-{i:05d}.png"
         Image.fromarray(array).save(out_dir / "images" / name)
-        boxes = np.array([_mask_box(m) for m in masks], np.float32).reshape(-1, 4)
+        boxes = np.array([mask_box(m) for m in masks], np.float32).reshape(-1, 4)
         det = make_detections(boxes, np.ones(len(names)), [labels.index(n) for n in names], names, mask=masks)
         records.append(LabeledImage(key=name, image=str(out_dir / "images" / name), width=size[0], height=size[1],
                                     annotations=det))
@@ -104,9 +104,3 @@ def _overlap(a: tuple, b: tuple) -> float:
     if iw <= 0 or ih <= 0:
         return 0.0
     return iw * ih / min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
-
-
-def _mask_box(mask: np.ndarray) -> list[float]:
-    """Exact box of a mask: pixel edges, so a pixel at column x spans [x, x + 1)."""
-    ys, xs = np.nonzero(mask)
-    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]

@@ -7,11 +7,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import numpy as np
 import supervision as sv
 
 from ..errors import ConfigError
-from ..types import LabeledImage
+from ..types import LabeledImage, mask_box
 from .annotate import ProjectError, open_project
 from .config import parse_config
 from .convert import percent_to_box, polygon_to_mask, rle_to_mask
@@ -29,11 +28,6 @@ def task_link(url: str, project_id: int, task_id: int) -> str:
 def _plain(obj: Any) -> Any:
     """SDK objects (pydantic) or dicts, as dicts."""
     return obj.model_dump() if hasattr(obj, "model_dump") else obj
-
-
-def mask_box(mask: np.ndarray) -> np.ndarray:
-    ys, xs = np.nonzero(mask)
-    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
 
 
 def result_objects(results: list[dict], where: str,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..types import box_iou
 from .convert import to_pixels
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def find_label_issues(labels, predictions, classes: list[str], high_probability_
         if len(preds):
             pred_labels = np.concatenate([np.full(len(p), k) for k, p in enumerate(cl_preds[i])])
             same_class = pred_labels[:, None] == lab["labels"][None, :]
-            same = (_iou(preds[:, :4], lab["bboxes"]) * same_class).max(1, initial=0)
+            same = (box_iou(preds[:, :4], lab["bboxes"]) * same_class).max(1, initial=0)
             uncovered = np.where(same < 0.1, 1.0 - preds[:, 4], 1.0)
             overlooked[i] = np.fmin(np.where(np.isnan(overlooked[i]), 1.0, overlooked[i]), uncovered)
     over_flags = flags(overlooked, pred_thr, OVERLOOKED_THRESHOLD_FACTOR)
@@ -112,15 +113,6 @@ def find_label_issues(labels, predictions, classes: list[str], high_probability_
     with contextlib.redirect_stdout(io.StringIO()):  # it prints a "Pruning 0 predictions" note
         issues.image_scores = rank.get_label_quality_scores(cl_labels, cl_preds)
     return issues
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of xyxy boxes (N, 4) x (M, 4)."""
-    a, b = a.reshape(-1, 4), b.reshape(-1, 4)
-    lt, rb = np.maximum(a[:, None, :2], b[None, :, :2]), np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), axis=1)  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
 
 
 def ranked_objects(issues: LabelIssues) -> list[tuple[float, str, int, int]]:
