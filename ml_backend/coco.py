@@ -12,8 +12,10 @@ def categories(names: list[str]) -> list[dict]:
     return [{"id": i + 1, "name": name, "supercategory": ""} for i, name in enumerate(names)]
 
 
-def annotations(detections: sv.Detections, image_id: int, names: list[str]) -> list[dict]:
-    """One COCO annotation per detection (ids are assigned when the document is assembled)."""
+def annotations(detections: sv.Detections, image_id: int, names: list[str], scores: bool = True,
+                masks: bool = True) -> list[dict]:
+    """One COCO annotation per detection (ids are assigned when the document is assembled); `scores=False` for
+    ground truth, `masks=False` for boxes only (area = box area)."""
     ids = {name: i + 1 for i, name in enumerate(names)}
     out = []
     for i in range(len(detections)):
@@ -24,9 +26,10 @@ def annotations(detections: sv.Detections, image_id: int, names: list[str]) -> l
             "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
             "area": round((x2 - x1) * (y2 - y1), 2),
             "iscrowd": 0,
-            "score": round(float(detections.confidence[i]), 4),
         }
-        if detections.mask is not None:
+        if scores:
+            ann["score"] = round(float(detections.confidence[i]), 4)
+        if masks and detections.mask is not None:
             rle = mask_utils.encode(np.asfortranarray(detections.mask[i].astype(np.uint8)))
             ann["segmentation"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
             ann["area"] = float(mask_utils.area(rle))

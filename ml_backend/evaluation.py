@@ -66,13 +66,8 @@ def coco_evaluate(
     images, gt_anns, dt_anns = [], [], []
     for i, (t, p, (w, h)) in enumerate(zip(truth, predictions, sizes)):
         images.append({"id": i + 1, "file_name": str(i), "width": int(w), "height": int(h)})
-        t = kept(t)
-        t.mask = None
-        gt_anns += coco_format.annotations(t, i + 1, labels) if len(t) else []
-        p = kept(p)
-        if len(p):
-            p = sv.Detections(xyxy=p.xyxy, confidence=p.confidence, class_id=p.class_id, data=dict(p.data))
-            dt_anns += coco_format.annotations(p, i + 1, labels)
+        gt_anns += coco_format.annotations(kept(t), i + 1, labels, scores=False, masks=False)
+        dt_anns += coco_format.annotations(kept(p), i + 1, labels, masks=False)
     gt = COCO()
     gt.dataset = coco_format.document(images, gt_anns, labels)
     with contextlib.redirect_stdout(io.StringIO()):

@@ -82,9 +82,7 @@ def write_coco(examples: list[Example], labels: list[str], path: Path) -> None:
     for i, e in enumerate(examples):
         images.append({"id": i + 1, "file_name": e.record.key, "width": e.record.width, "height": e.record.height,
                        "prelabel_source": e.source, "prelabel_image": e.record.image})
-        truth = sv.Detections(xyxy=e.truth.xyxy, class_id=e.truth.class_id, confidence=np.ones(len(e.truth)),
-                              data={"class_name": e.truth.data.get("class_name", np.array([], object))})
-        anns += [{k: v for k, v in a.items() if k != "score"} for a in coco_format.annotations(truth, i + 1, labels)]
+        anns += coco_format.annotations(e.truth, i + 1, labels, scores=False, masks=False)
     path.write_text(json.dumps(coco_format.document(images, anns, labels)))
 
 

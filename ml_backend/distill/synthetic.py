@@ -92,7 +92,7 @@ def generate(out_dir: Path, images: int = 200, seed: int = 0, size: tuple[int, i
         records.append(LabeledImage(key=name, image=str(out_dir / "images" / name), width=size[0], height=size[1],
                                     annotations=det))
         coco_images.append({"id": i + 1, "file_name": name, "width": size[0], "height": size[1]})
-        anns += [{k: v for k, v in a.items() if k != "score"} for a in coco_format.annotations(det, i + 1, labels)]
+        anns += coco_format.annotations(det, i + 1, labels, scores=False)
     (out_dir / "annotations.json").write_text(json.dumps(coco_format.document(coco_images, anns, labels)))
     return records
 
