@@ -503,14 +503,13 @@ def distill(
 
 
 def _labelled_records(project, coco, images, predictions, url, api_key, model_version):
-    """(records, labels, image loader, source description, default output name) from a project or a COCO file."""
+    """(records, labels, image loader, source description, default output name) from a project or a COCO file;
+    images load as the server loads them (`images.record_image`)."""
     import json
 
-    import numpy as np
-    from PIL import Image
+    from .images import ImageLoader, record_image
 
     if project is not None:
-        from .images import ImageLoader
         from .labelstudio.annotate import open_project
         from .labelstudio.config import parse_config
         from .labelstudio.export import project_records
@@ -519,13 +518,14 @@ def _labelled_records(project, coco, images, predictions, url, api_key, model_ve
         labels = parse_config(open_project(client, project).label_config).labels
         records = project_records(client, project, settings.label_studio_url, model_version)
         loader = ImageLoader(settings)
-        return (records, labels, lambda r: loader.load(r.image, r.extra.get("task_id")).array,
+        return (records, labels, lambda r: record_image(r, loader, settings.max_image_pixels),
                 f"Label Studio project {project}", f"project-{project}")
     from .review.sources import coco_records
 
     records = coco_records(coco, images, predictions)
     categories = sorted(json.loads(coco.read_text())["categories"], key=lambda c: c["id"])
-    return (records, [c["name"] for c in categories], lambda r: np.asarray(Image.open(r.image).convert("RGB")),
+    max_pixels = _settings().max_image_pixels
+    return (records, [c["name"] for c in categories], lambda r: record_image(r, None, max_pixels),
             f"COCO file {coco}", coco.stem)
 
 

@@ -32,8 +32,9 @@ import httpx
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import ImageAuthError, ImageBlockedError, ImageDecodeError, ImageError, ImageFetchError, ImageTooLargeError
+from .errors import ConfigError, ImageAuthError, ImageBlockedError, ImageDecodeError, ImageError, ImageFetchError, ImageTooLargeError
 from .settings import Settings
+from .types import LabeledImage
 
 log = logging.getLogger(__name__)
 
@@ -497,3 +498,21 @@ def _detail_streamed(response: httpx.Response) -> str:
     except httpx.HTTPError:
         return response.reason_phrase
     return _detail(response)
+
+
+def local_file(ref: str) -> Path | None:
+    """The file a labelled record's image reference names, when it is a local file (not a URL, not a Label Studio
+    `/data/...` path)."""
+    path = Path(ref)
+    return path if "://" not in ref and not ref.startswith("/data/") and path.is_file() else None
+
+
+def record_image(record: LabeledImage, loader: ImageLoader | None, max_pixels: int) -> np.ndarray:
+    """A labelled record's image as RGB: a local file is read directly; anything else (Label Studio URLs, cloud
+    URIs) goes through `loader`."""
+    path = local_file(record.image)
+    if path is not None:
+        return decode_image(path.read_bytes(), str(path), max_pixels).array
+    if loader is None:
+        raise ConfigError(f"image {record.image} of {record.key} is not a local file and no image loader is configured")
+    return loader.load(record.image, record.extra.get("task_id")).array

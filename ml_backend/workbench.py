@@ -27,9 +27,9 @@ import supervision as sv
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import ConfigError, PromptsError, describe_validation
+from .errors import PromptsError, describe_validation
 from .evaluation import CocoResult, best_f1_threshold, coco_evaluate, pr_curve
-from .images import ImageLoader, decode_image
+from .images import ImageLoader, record_image
 from .ontology import LabelSpec, Ontology, PromptsFile, normalize_prompt
 from .settings import Settings
 from .types import LabeledImage, make_detections
@@ -300,16 +300,6 @@ class WorkbenchReport:
 # -- running ----------------------------------------------------------------------------------------------------
 
 
-def load_record_image(record: LabeledImage, loader: ImageLoader | None, max_pixels: int) -> np.ndarray:
-    """A local file is read directly; anything else (Label Studio URLs, cloud URIs) goes through `loader`."""
-    path = Path(record.image)
-    if "://" not in record.image and not record.image.startswith("/data/") and path.is_file():
-        return decode_image(path.read_bytes(), str(path), max_pixels).array
-    if loader is None:
-        raise ConfigError(f"image {record.image} of {record.key} is not a local file and no image loader is configured")
-    return loader.load(record.image, record.extra.get("task_id")).array
-
-
 class Workbench:
     """Runs candidates over the annotated records through the cache. `build_detector(ref)` and `key_of(ref)` default
     to the registry and `model_key` above; models are built only when something is not cached."""
@@ -374,7 +364,7 @@ class Workbench:
             for ref in models:
                 mkey = self.key(ref)
                 for chunk in chunks(self.records, max(1, self.settings.batch_size)):
-                    arrays = [load_record_image(r, self.loader, self.settings.max_image_pixels) for r in chunk]
+                    arrays = [record_image(r, self.loader, self.settings.max_image_pixels) for r in chunk]
                     for record, array in zip(chunk, arrays):
                         if not record.width or not record.height:
                             record.height, record.width = array.shape[:2]
@@ -606,5 +596,5 @@ def evaluate_prompts(records: list[LabeledImage], candidates_path: Path, out: Pa
 __all__ = [
     "CandidatesError", "CandidatesFile", "DetectParams", "PredictionCache", "Workbench", "WorkbenchReport",
     "CandidateResult", "evaluate_prompts", "image_hash", "model_key", "print_workbench", "save_pr_curves",
-    "winning_prompts", "write_outputs", "parse_models", "load_record_image",
+    "winning_prompts", "write_outputs", "parse_models",
 ]

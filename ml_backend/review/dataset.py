@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import ConfigError, ImageError
-from ..images import ImageLoader
+from ..images import ImageLoader, local_file
 from ..types import LabeledImage
 from .convert import to_detections
 
@@ -86,8 +86,8 @@ def open_dataset(name: str, overwrite: bool = False):
 
 def local_image(record: LabeledImage, cache_dir: Path, loader: ImageLoader | None) -> Path:
     """The record's image as a local file: itself when it is one, else fetched once into `cache_dir`."""
-    path = Path(record.image)
-    if "://" not in record.image and not record.image.startswith("/data/") and path.is_file():
+    path = local_file(record.image)
+    if path is not None:
         return path.resolve()
     digest = hashlib.sha1(record.image.encode()).hexdigest()[:12]
     cached = cache_dir / f"{record.key}-{digest}.png"
