@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from ml_backend.distill.effort import measure_effort
+from ml_backend.distill.export import median_seconds
 from ml_backend.distill.run import DistillOptions, distill
 from ml_backend.distill.synthetic import SHAPES, generate
 from ml_backend.distill.train import TrainOptions
@@ -47,16 +48,6 @@ TARGETS = {"map50": (">=", 0.9), "map": (">=", 0.7), "minutes": ("<=", 10.0), "l
 
 def load(path: str) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def teacher_seconds(image: np.ndarray, repeats: int) -> float:

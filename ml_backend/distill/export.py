@@ -52,15 +52,20 @@ def export_onnx(directory: Path, sample: np.ndarray | None = None, atol: float =
     return parity
 
 
-def time_runtime(run, batch: np.ndarray, repeats: int = 5) -> float:
-    """Median seconds per image of `run(batch)` after one warm-up call."""
-    run(batch)
+def median_seconds(fn, repeats: int = 5) -> float:
+    """Median seconds of `fn()` over `repeats` calls after one warm-up call."""
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        run(batch)
-        times.append((time.perf_counter() - start) / len(batch))
+        fn()
+        times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def time_runtime(run, batch: np.ndarray, repeats: int = 5) -> float:
+    """Median seconds per image of `run(batch)`."""
+    return median_seconds(lambda: run(batch), repeats) / len(batch)
 
 
 def speed_table(directory: Path, repeats: int = 5) -> list[dict]:
