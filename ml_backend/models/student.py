@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,6 @@ class StudentConfig:
     levels: int = 3  # FPN levels from stride 8: 3 -> P3-P5; up to 5 (P3-P7)
     arch: str = "fcos_resnet18"
     pretrained_backbone: bool = False  # did training start from ImageNet weights?
-    extra: dict = field(default_factory=dict)
 
     def save(self, directory: Path) -> None:
         (directory / CONFIG_FILE).write_text(json.dumps(asdict(self), indent=2))
@@ -61,6 +60,8 @@ def build_student(config: StudentConfig, backbone_weights=None) -> nn.Module:
     from torchvision.models.detection.backbone_utils import BackboneWithFPN
     from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
+    if config.arch != "fcos_resnet18":
+        raise ModelUnavailableError(f"student architecture {config.arch!r} is not known here (known: fcos_resnet18)")
     if not 3 <= config.levels <= 5:
         raise ValueError(f"levels must be 3 to 5, got {config.levels}")
     trunk = resnet18(weights=backbone_weights, norm_layer=nn.BatchNorm2d)
