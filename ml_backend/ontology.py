@@ -361,13 +361,12 @@ class Ontology:
             "nms_iou": self.nms_iou,
             "max_detections": self.max_detections,
         }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
+        return _digest(payload)
 
     @property
     def fields(self) -> list[str]:
         """Task data fields the prompts name (empty for an ontology without metadata templates)."""
-        texts = [t for s in self.labels for t in (*s.prompts, *s.detect, *s.templates)]
-        return list(dict.fromkeys(f for t in texts for f in template_fields(t)))
+        return _fields(t for s in self.labels for t in (*s.prompts, *s.detect, *s.templates))
 
     def fill(self, data: dict | None) -> Ontology:
         """This ontology with `{field}`s filled from one task's data (itself when no prompt names a field)."""
@@ -434,8 +433,7 @@ class Classification:
 
     @property
     def fields(self) -> list[str]:
-        texts = [t for c in self.choices for t in (*c.prompts, *c.templates)]
-        return list(dict.fromkeys(f for t in texts for f in template_fields(t)))
+        return _fields(t for c in self.choices for t in (*c.prompts, *c.templates))
 
     def fill(self, data: dict | None) -> Classification:
         if not self.fields:
@@ -479,7 +477,16 @@ class Classification:
             "multiple": self.multiple,
             "threshold": self.threshold,
         }
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
+        return _digest(payload)
+
+
+def _fields(texts) -> list[str]:
+    """The task data fields `texts` name, in order, once each."""
+    return list(dict.fromkeys(f for t in texts for f in template_fields(t)))
+
+
+def _digest(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _fill_keeping_slot(template: str, data: dict | None, where: str) -> str:

@@ -248,7 +248,7 @@ class LabelStudioBackend:
         images = [(i, key, img) for i, key, img in batch.images if entries[i] is None]
         detections = self._detect(images, config, ontologies)
         choice_scores = self._classify(images, config, detections, filled)
-        region_keys = {c.data_key for c in config.controls}
+        region_keys = config.region_keys
         for n, ((i, key, img), det) in enumerate(zip(images, detections)):
             if config.needs_masks and key in region_keys:  # one image's full-size masks at a time, converted and dropped
                 self.pipeline.add_masks(img.array, det)
@@ -293,7 +293,7 @@ class LabelStudioBackend:
     def _detect(self, images: list, config: ProjectConfig, ontologies: dict[int, Ontology]) -> list[sv.Detections]:
         """Detections per image; images no region control labels (Choices only) never reach the detector."""
         out = [sv.Detections.empty() for _ in images]
-        region_keys = {c.data_key for c in config.controls}
+        region_keys = config.region_keys
         groups: dict[Ontology, list[int]] = {}
         for n, (i, key, _) in enumerate(images):
             if key in region_keys and ontologies[i].labels:

@@ -67,6 +67,11 @@ class ProjectConfig:
         return any(c.type in MASK_TYPES for c in self.controls)
 
     @property
+    def region_keys(self) -> set[str]:
+        """The task data keys of the images that region controls (rectangles, brushes, polygons) label."""
+        return {c.data_key for c in self.controls}
+
+    @property
     def data_keys(self) -> list[str]:
         """The task data keys of every image the config labels (regions or choices)."""
         return list(dict.fromkeys([c.data_key for c in self.controls] + [c.data_key for c in self.choices]))
