@@ -538,7 +538,6 @@ def fetch(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
     """Download the models once (into the hub cache, HF_HOME) so that later starts work offline."""
-    from .models import STUDENT_PREFIX
     from .models.loading import resolve_model
     from .ontology import PromptsFile
     from .pipeline import classifier_ref, model_refs
@@ -551,9 +550,7 @@ def fetch(
         refs = dict(zip(("detector", "segmenter"), model_refs(settings, prompts_file)))
         refs["classifier"] = classifier_ref(settings, prompts_file)
         for kind, ref in refs.items():
-            if ref and ref.startswith(STUDENT_PREFIX):
-                typer.echo(f"{kind}: {ref} (a local student directory: nothing to fetch)")
-            elif ref:
+            if ref:
                 typer.echo(f"{kind}: {ref} -> {resolve_model(ref, settings.model_dir)}")
 
 

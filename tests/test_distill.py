@@ -233,6 +233,9 @@ def test_the_student_pre_annotates_label_studio_tasks_through_predict(shapes, st
     # a version computed without loading the student (as the Ray driver does) is the served one
     assert Pipeline.from_settings(settings, load=False).base_version == pipeline.base_version
     assert StudentDetector(out, runtime="torch").model_id == pipeline.detector.model_id
+    from ml_backend.workbench import model_key
+
+    assert model_key(f"student:{out}", tmp_path).startswith(f"{out.name}@")  # the workbench can compare students
     server = RunningServer(create_app(pipeline))
     try:
         val_keys = json.loads((out / "split.json").read_text())["val"][:4]

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import ModelUnavailableError
 from .base import Detector, Segmenter
-from .loading import pick_device, resolve_model
+from .loading import STUDENT_PREFIX, pick_device, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -24,20 +24,16 @@ def _model_type(path: Path) -> str:
         raise ModelUnavailableError(f"{path} has no readable config.json with a model_type") from None
 
 
-STUDENT_PREFIX = "student:"
-
-
 def build_detector(ref: str, model_dir: Path, device: torch.device, batch_size: int = 4) -> Detector:
     """A hub id or directory of an open-vocabulary detector, or `student:DIR` for a distilled student."""
     from .grounding_dino import SUPPORTED_TYPES, GroundingDinoDetector
 
+    path = resolve_model(ref, model_dir)
     if ref.startswith(STUDENT_PREFIX):
         from .student import StudentDetector
 
-        directory = student_directory(ref, model_dir)
-        log.info("loading student detector from %s on %s", directory, device)
-        return StudentDetector(directory, device, batch_size)
-    path = resolve_model(ref, model_dir)
+        log.info("loading student detector from %s on %s", path, device)
+        return StudentDetector(path, device, batch_size)
     kind = _model_type(path)
     if kind not in SUPPORTED_TYPES:
         raise ModelUnavailableError(f"detector {ref!r} is a {kind!r} model; supported: {sorted(SUPPORTED_TYPES)}")
@@ -45,22 +41,12 @@ def build_detector(ref: str, model_dir: Path, device: torch.device, batch_size: 
     return GroundingDinoDetector(path, ref, device, batch_size)
 
 
-def student_directory(ref: str, model_dir: Path) -> Path:
-    """`student:DIR`: DIR as given, else below MODEL_DIR."""
-    directory = Path(ref[len(STUDENT_PREFIX):]).expanduser()
-    if not directory.is_dir() and (model_dir / directory).is_dir():
-        directory = model_dir / directory
-    if not directory.is_dir():
-        raise ModelUnavailableError(f"student directory {directory} does not exist (from --detector {ref})")
-    return directory
-
-
 def model_id(ref: str, model_dir: Path) -> str:
     """The `model_id` the model built from `ref` will have, without loading it (model versions are made of these)."""
     if ref.startswith(STUDENT_PREFIX):
         from .student import student_id
 
-        return student_id(student_directory(ref, model_dir))
+        return student_id(resolve_model(ref, model_dir))
     return ref
 
 

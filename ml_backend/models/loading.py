@@ -17,6 +17,7 @@ from ..errors import ModelUnavailableError
 log = logging.getLogger(__name__)
 
 _TRUE = {"1", "true", "yes", "on"}
+STUDENT_PREFIX = "student:"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
@@ -66,7 +67,15 @@ def _unavailable(ref: str, model_dir: Path, why: str) -> ModelUnavailableError:
 
 
 def resolve_model(ref: str, model_dir: Path) -> Path:
-    """Return a local path (directory, or a checkpoint file) holding the model `ref`."""
+    """Return a local path (directory, or a checkpoint file) holding the model `ref`; `student:DIR` (a distilled
+    student) is DIR as given, else below MODEL_DIR."""
+    if ref.startswith(STUDENT_PREFIX):
+        directory = Path(ref[len(STUDENT_PREFIX):]).expanduser()
+        if not directory.is_dir() and (model_dir / directory).is_dir():
+            directory = model_dir / directory
+        if not directory.is_dir():
+            raise ModelUnavailableError(f"student directory {directory} does not exist (from --detector {ref})")
+        return directory
     path = Path(ref).expanduser()
     if path.exists():
         return path
