@@ -18,6 +18,7 @@ import numpy as np
 import supervision as sv
 
 from .ontology import Ontology
+from .types import NEAR_MISSES, RUNNER_UP, SYNONYM_SPREAD
 
 
 def margin_uncertainties(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
@@ -31,14 +32,14 @@ def box_uncertainties(detections: sv.Detections, ontology: Ontology) -> np.ndarr
     thresholds = np.array([ontology.labels[i].threshold for i in detections.class_id], float)
     margin = margin_uncertainties(scores, thresholds)
     safe = np.maximum(scores, 1e-6)
-    confusion = np.asarray(detections.data.get("runner_up", np.zeros(len(scores))), float) / safe
-    disagreement = np.asarray(detections.data.get("synonym_spread", np.zeros(len(scores))), float) / safe
+    confusion = np.asarray(detections.data.get(RUNNER_UP, np.zeros(len(scores))), float) / safe
+    disagreement = np.asarray(detections.data.get(SYNONYM_SPREAD, np.zeros(len(scores))), float) / safe
     return np.clip(np.max([margin, confusion, disagreement], axis=0), 0, 1)
 
 
 def near_miss_uncertainties(detections: sv.Detections, ontology: Ontology) -> np.ndarray:
     """Each near miss is stored as `score - threshold` (negative, within the band)."""
-    gaps = np.asarray(detections.metadata.get("near_misses", []), float)
+    gaps = np.asarray(detections.metadata.get(NEAR_MISSES, []), float)
     if gaps.size == 0:
         return gaps
     scale = max(max(s.threshold, 1 - s.threshold) for s in ontology.labels)

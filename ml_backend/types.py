@@ -9,6 +9,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import supervision as sv
 
+# Named extras a model puts beside each box (`Detections.data[...]`) or per image (`Detections.metadata[...]`);
+# `active.py` turns them into the uncertainty that ranks images hardest first.
+CLASS_NAME = "class_name"  # data: the label of each box
+PROMPT = "prompt"  # data: the synonym prompt that found the box
+RUNNER_UP = "runner_up"  # data: the best score another label got for the same box (label confusion)
+SYNONYM_SPREAD = "synonym_spread"  # data: how much the chosen label's own prompts disagreed (0 with one prompt)
+CLASS_PROBABILITY = "class_probability"  # data, two-stage: the classifier's probability of the chosen label
+NEAR_MISSES = "near_misses"  # metadata: `score - threshold` (< 0) of candidates dropped within NEAR_MISS_BAND
+NEAR_MISS_BAND = 0.1  # how far below its threshold a dropped candidate still counts as a near miss
+
 
 def box_iou(a, b) -> np.ndarray:
     """Pairwise IoU (N, M) of absolute xyxy boxes (N, 4) x (M, 4), in float64; 0 where both boxes are empty."""
@@ -31,7 +41,7 @@ def make_detections(xyxy, confidence, class_id, names, mask=None, **data) -> sv.
         confidence=np.asarray(confidence, np.float32),
         class_id=np.asarray(class_id, int),
         mask=mask,
-        data={"class_name": np.asarray(names, dtype=object), **data},
+        data={CLASS_NAME: np.asarray(names, dtype=object), **data},
     )
 
 
