@@ -369,7 +369,7 @@ def review(
 
             records = cvat_xml_records(cvat, images)
         else:
-            from .review.sources import coco_records
+            from .coco import read_records as coco_records
 
             records = coco_records(coco or cvat, images, predictions)
         name = name or f"prelabel-{(coco or cvat).stem}"
@@ -520,7 +520,7 @@ def _labelled_records(project, coco, images, predictions, url, api_key, model_ve
         loader = ImageLoader(settings)
         return (records, labels, lambda r: record_image(r, loader, settings.max_image_pixels),
                 f"Label Studio project {project}", f"project-{project}")
-    from .review.sources import coco_records
+    from .coco import read_records as coco_records
 
     records = coco_records(coco, images, predictions)
     categories = sorted(json.loads(coco.read_text())["categories"], key=lambda c: c["id"])
@@ -614,7 +614,7 @@ def prompts_eval(
             loader = ImageLoader(settings)
             name = f"project-{project}"
         else:
-            from .review.sources import coco_records
+            from .coco import read_records as coco_records
 
             records = coco_records(coco, images)
             name = coco.stem

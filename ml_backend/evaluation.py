@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import supervision as sv
-from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from . import coco as coco_format
@@ -65,13 +64,10 @@ def coco_evaluate(
 
     images, gt_anns, dt_anns = [], [], []
     for i, (t, p, (w, h)) in enumerate(zip(truth, predictions, sizes)):
-        images.append({"id": i + 1, "file_name": str(i), "width": int(w), "height": int(h)})
+        images.append(coco_format.image(i + 1, str(i), int(w), int(h)))
         gt_anns += coco_format.annotations(kept(t), i + 1, labels, scores=False, masks=False)
         dt_anns += coco_format.annotations(kept(p), i + 1, labels, masks=False)
-    gt = COCO()
-    gt.dataset = coco_format.document(images, gt_anns, labels)
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt.createIndex()
+    gt = coco_format.index(coco_format.document(images, gt_anns, labels))
     truth_counts = {name: 0 for name in labels}
     pred_counts = {name: 0 for name in labels}
     for a in gt_anns:

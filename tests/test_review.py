@@ -174,7 +174,7 @@ def test_a_coco_export_with_polygons_rle_and_predictions_becomes_a_dataset(image
     from pycocotools import mask as mask_utils
 
     from ml_backend.review import run_review
-    from ml_backend.review.sources import coco_records
+    from ml_backend.coco import read_records
 
     full = np.zeros((200, 120), np.uint8)
     full[50:100, 20:60] = 1
@@ -196,7 +196,7 @@ def test_a_coco_export_with_polygons_rle_and_predictions_becomes_a_dataset(image
                {"image_id": 2, "category_id": 1, "bbox": [0, 0, 10, 10], "score": 0.4}]
     (tmp_path / "pred.json").write_text(json.dumps(results))
 
-    records = coco_records(tmp_path / "gt.json", images, tmp_path / "pred.json", model_version="coco-v1")
+    records = read_records(tmp_path / "gt.json", images, tmp_path / "pred.json", model_version="coco-v1")
     assert [r.key for r in records] == ["img0.png", "img1.png"]
     assert records[1].annotations.mask[0].sum() == full.sum()
     name = unique("coco-review")
@@ -280,13 +280,13 @@ def test_a_broken_cvat_mask_is_named_with_its_image_and_label(images, tmp_path, 
 
 
 def test_a_coco_image_missing_from_the_folder_is_named(images, tmp_path):
-    from ml_backend.review.sources import coco_records
+    from ml_backend.coco import read_records
 
     doc = {"images": [{"id": 1, "file_name": "nope.png", "width": 4, "height": 4}], "annotations": [],
            "categories": [{"id": 1, "name": "Car"}]}
     (tmp_path / "gt.json").write_text(json.dumps(doc))
     with pytest.raises(ConfigError, match="image nope.png of .*gt.json is not in"):
-        coco_records(tmp_path / "gt.json", images)
+        read_records(tmp_path / "gt.json", images)
 
 
 # -- likely mistakes, embeddings, views --------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from PIL import Image
 
 from ml_backend.errors import PromptsError
 from ml_backend.ontology import LabelSpec, Ontology, PromptsFile
-from ml_backend.review.sources import coco_records
+from ml_backend.coco import read_records
 from ml_backend.settings import Settings
 from ml_backend.workbench import (
     CandidatesError, CandidatesFile, DetectParams, PredictionCache, Workbench, evaluate_prompts, image_hash,
@@ -107,7 +107,7 @@ def test_workbench_ap_equals_an_independent_pycocotools_computation(dataset, cou
     from pycocotools.cocoeval import COCOeval
 
     gt_path, image_dir = dataset
-    records = coco_records(gt_path, image_dir)
+    records = read_records(gt_path, image_dir)
     cache = PredictionCache(tmp_path / "cache")
     bench = Workbench(records, cache, settings(tmp_path), build_detector=lambda ref: counting, progress=False)
     ref = base_pipeline.detector.model_id
@@ -153,7 +153,7 @@ def test_workbench_ap_equals_an_independent_pycocotools_computation(dataset, cou
 
 def test_a_rerun_computes_nothing_and_a_new_candidate_computes_only_itself(dataset, counting, base_pipeline, tmp_path):
     gt_path, image_dir = dataset
-    records = coco_records(gt_path, image_dir)
+    records = read_records(gt_path, image_dir)
     ref = base_pipeline.detector.model_id
     first = CandidatesFile(labels={"Car": ["car"], "Person": ["person"]})
 
@@ -203,7 +203,7 @@ def test_a_bad_candidates_file_or_an_unknown_label_is_answered_clearly(dataset, 
     gt_path, image_dir = dataset
     path = candidates_file(tmp_path / "candidates.yaml", text)
     with pytest.raises(CandidatesError, match=problem) as err:
-        evaluate_prompts(coco_records(gt_path, image_dir), path, tmp_path / "out", settings(tmp_path),
+        evaluate_prompts(read_records(gt_path, image_dir), path, tmp_path / "out", settings(tmp_path),
                          models="some/model", cache_dir=tmp_path / "cache", build_detector=never_built, progress=False)
     assert isinstance(err.value, PromptsError)  # the CLI's one red line, exit 2
     assert str(path) in str(err.value) or "not in the ground truth" in str(err.value)
@@ -212,7 +212,7 @@ def test_a_bad_candidates_file_or_an_unknown_label_is_answered_clearly(dataset, 
 
 def test_missing_files_models_and_annotations_are_named(dataset, tmp_path):
     gt_path, image_dir = dataset
-    records = coco_records(gt_path, image_dir)
+    records = read_records(gt_path, image_dir)
     with pytest.raises(CandidatesError, match="candidates file .*nope.yaml does not exist"):
         CandidatesFile.load(tmp_path / "nope.yaml")
     path = candidates_file(tmp_path / "c.yaml", "labels: {car: car}\n")  # case is forgiven
@@ -243,7 +243,7 @@ def test_the_winning_prompts_file_picks_the_best_candidate_and_its_threshold(tmp
     cars = [[[10, 10, 50, 40]], [[20, 30, 60, 80]]]
     people = [[[60, 5, 90, 60], [100, 10, 140, 70]], [[5, 5, 40, 50], [70, 10, 120, 60]]]
     (tmp_path / "gt.json").write_text(json.dumps(coco_doc(paths, {"Car": cars, "Person": people})))
-    records = coco_records(tmp_path / "gt.json", tmp_path / "images")
+    records = read_records(tmp_path / "gt.json", tmp_path / "images")
     ref = base_pipeline.detector.model_id
     config = settings(tmp_path)
     key = model_key(ref, config.model_dir)

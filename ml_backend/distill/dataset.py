@@ -4,7 +4,6 @@ files of both halves, and letterboxed image tensors in memory."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -80,10 +79,10 @@ def stratified_split(examples: list[Example], val_fraction: float = 0.2, seed: i
 def write_coco(examples: list[Example], labels: list[str], path: Path) -> None:
     images, anns = [], []
     for i, e in enumerate(examples):
-        images.append({"id": i + 1, "file_name": e.record.key, "width": e.record.width, "height": e.record.height,
-                       "prelabel_source": e.source, "prelabel_image": e.record.image})
+        images.append(coco_format.image(i + 1, e.record.key, e.record.width, e.record.height,
+                                        prelabel_source=e.source, prelabel_image=e.record.image))
         anns += coco_format.annotations(e.truth, i + 1, labels, scores=False, masks=False)
-    path.write_text(json.dumps(coco_format.document(images, anns, labels)))
+    coco_format.write(path, coco_format.document(images, anns, labels))
 
 
 class TensorSet(torch.utils.data.Dataset):

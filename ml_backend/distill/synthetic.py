@@ -8,7 +8,6 @@ is dropped from the labels, its visible rest stays in the image as clutter).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -91,9 +90,9 @@ def generate(out_dir: Path, images: int = 200, seed: int = 0, size: tuple[int, i
         det = make_detections(boxes, np.ones(len(names)), [labels.index(n) for n in names], names, mask=masks)
         records.append(LabeledImage(key=name, image=str(out_dir / "images" / name), width=size[0], height=size[1],
                                     annotations=det))
-        coco_images.append({"id": i + 1, "file_name": name, "width": size[0], "height": size[1]})
+        coco_images.append(coco_format.image(i + 1, name, size[0], size[1]))
         anns += coco_format.annotations(det, i + 1, labels, scores=False)
-    (out_dir / "annotations.json").write_text(json.dumps(coco_format.document(coco_images, anns, labels)))
+    coco_format.write(out_dir / "annotations.json", coco_format.document(coco_images, anns, labels))
     return records
 
 
