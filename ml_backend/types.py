@@ -35,6 +35,21 @@ def mask_box(mask: np.ndarray) -> np.ndarray:
     return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
 
 
+def clip_box(xyxy, width: int, height: int) -> tuple[int, int, int, int]:
+    """The whole pixels an xyxy box touches, as slice bounds (x1, y1, x2, y2): rounded outwards (floor, ceil),
+    clipped to the image, at least one pixel wide and high (a box outside the image gets its nearest edge pixel)."""
+    x1, y1, x2, y2 = (float(v) for v in xyxy)
+    x1, y1 = min(max(0, int(np.floor(x1))), width - 1), min(max(0, int(np.floor(y1))), height - 1)
+    x2, y2 = max(x1 + 1, min(width, int(np.ceil(x2)))), max(y1 + 1, min(height, int(np.ceil(y2))))
+    return x1, y1, x2, y2
+
+
+def crop(image: np.ndarray, xyxy) -> np.ndarray:
+    """The pixels of an (H, W, ...) image inside an xyxy box (`clip_box`: at least one pixel, within the image)."""
+    x1, y1, x2, y2 = clip_box(xyxy, image.shape[1], image.shape[0])
+    return image[y1:y2, x1:x2]
+
+
 def make_detections(xyxy, confidence, class_id, names, mask=None, **data) -> sv.Detections:
     return sv.Detections(
         xyxy=np.asarray(xyxy, np.float32).reshape(-1, 4),

@@ -1,19 +1,12 @@
 """The one place where core Detections become FiftyOne labels: relative `[x, y, w, h]` boxes (top-left), the mask
-cropped to the box, and back to pixel boxes."""
+cropped to the box (`types.clip_box`), and back to pixel boxes."""
 
 from __future__ import annotations
 
 import numpy as np
 import supervision as sv
 
-
-def box_slice(xyxy, width: int, height: int) -> tuple[int, int, int, int]:
-    """Integer pixel box clipped to the image, at least one pixel."""
-    x1, y1 = (int(np.floor(max(0.0, float(v)))) for v in xyxy[:2])
-    x1, y1 = min(x1, width - 1), min(y1, height - 1)
-    x2 = max(x1 + 1, min(width, int(np.ceil(float(xyxy[2])))))
-    y2 = max(y1 + 1, min(height, int(np.ceil(float(xyxy[3])))))
-    return x1, y1, x2, y2
+from ..types import clip_box
 
 
 def to_detections(detections: sv.Detections | None, width: int, height: int, **attributes):
@@ -26,7 +19,7 @@ def to_detections(detections: sv.Detections | None, width: int, height: int, **a
     names = detections.data.get("class_name", [])
     has_mask = detections.data.get("has_mask")
     for i in range(len(detections)):
-        x1, y1, x2, y2 = box_slice(detections.xyxy[i], width, height)
+        x1, y1, x2, y2 = clip_box(detections.xyxy[i], width, height)
         det = fo.Detection(
             label=str(names[i]),
             bounding_box=[x1 / width, y1 / height, (x2 - x1) / width, (y2 - y1) / height],
