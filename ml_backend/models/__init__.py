@@ -1,53 +1,46 @@
-"""Registry: build a detector or segmenter from a hub id, a local directory or a checkpoint file."""
+"""The models: every model family the server runs, behind four small interfaces (`base.py`: Detector, Segmenter,
+Classifier, ImageEncoder), found through one registry (`registry.py`) by the `model_type` of a model's
+config.json, or by a special form (`student:DIR`, a `.pth` file of original SAM).
+
+This package owns: loading model references (`loading.py`: local dirs, MODEL_DIR, the hub cache), the families
+(`grounding_dino.py`, `owlv2.py`, `sam.py`, `sam_original.py`, `classifier.py`, `student.py`), what they share
+(`prompted.py`: text-prompted scoring; `features.py`: feature-map embeddings) and tiny random models (`tiny.py`).
+
+To add a model: write one module here with a class (or function) called as `build(path, model_id, device,
+**role_options)` that implements its role's interface, and register it with
+`@register("model_type", roles=..., capabilities=..., tiny={"kind": writer})`. Nothing else changes: the builders
+below, every adapter (Label Studio, CVAT, workbench, distill) and `prelabel dev tiny-models` find it.
+"""
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 
 import torch
 
-from ..errors import ModelUnavailableError
-from .base import Detector, Segmenter
-from .loading import STUDENT_PREFIX, pick_device, resolve_model
+from .base import Classifier, Detector, ImageEncoder, Segmenter
+from .loading import pick_device
+from .registry import CLASSIFIER, DETECTOR, EMBEDDER, SEGMENTER, Family, build, families, model_id, register
 
-log = logging.getLogger(__name__)
-
-__all__ = ["Detector", "Segmenter", "UnloadedModel", "build_detector", "build_segmenter", "model_id", "pick_device"]
-
-
-def _model_type(path: Path) -> str:
-    try:
-        return json.loads((path / "config.json").read_text())["model_type"]
-    except (OSError, KeyError, ValueError):
-        raise ModelUnavailableError(f"{path} has no readable config.json with a model_type") from None
+__all__ = [
+    "Classifier", "Detector", "Family", "ImageEncoder", "Segmenter", "UnloadedModel", "build_detector",
+    "build_embedder", "build_segmenter", "families", "model_id", "pick_device", "register",
+]
 
 
 def build_detector(ref: str, model_dir: Path, device: torch.device, batch_size: int = 4) -> Detector:
-    """A hub id or directory of an open-vocabulary detector, or `student:DIR` for a distilled student."""
-    from .grounding_dino import SUPPORTED_TYPES, GroundingDinoDetector
-
-    path = resolve_model(ref, model_dir)
-    if ref.startswith(STUDENT_PREFIX):
-        from .student import StudentDetector
-
-        log.info("loading student detector from %s on %s", path, device)
-        return StudentDetector(path, device, batch_size)
-    kind = _model_type(path)
-    if kind not in SUPPORTED_TYPES:
-        raise ModelUnavailableError(f"detector {ref!r} is a {kind!r} model; supported: {sorted(SUPPORTED_TYPES)}")
-    log.info("loading detector %s from %s on %s", ref, path, device)
-    return GroundingDinoDetector(path, ref, device, batch_size)
+    """A hub id or directory of a registered detector family, or `student:DIR` for a distilled student."""
+    return build(DETECTOR, ref, model_dir, device, batch_size=batch_size)
 
 
-def model_id(ref: str, model_dir: Path) -> str:
-    """The `model_id` the model built from `ref` will have, without loading it (model versions are made of these)."""
-    if ref.startswith(STUDENT_PREFIX):
-        from .student import student_id
+def build_segmenter(ref: str, model_dir: Path, device: torch.device, cache_size: int = 8) -> Segmenter:
+    """A hub id or directory of a registered segmenter family (SAM), or an original SAM `.pth` checkpoint."""
+    return build(SEGMENTER, ref, model_dir, device, cache_size=cache_size)
 
-        return student_id(resolve_model(ref, model_dir))
-    return ref
+
+def build_embedder(ref: str, model_dir: Path, device: torch.device) -> ImageEncoder:
+    """Any registered family with the embeddings capability (SAM, Grounding DINO, OWL, CLIP/SigLIP)."""
+    return build(EMBEDDER, ref, model_dir, device)
 
 
 class UnloadedModel:
@@ -58,18 +51,3 @@ class UnloadedModel:
 
     def __getattr__(self, name: str):
         raise RuntimeError(f"model {self.model_id} is not loaded in this process (only its id is known)")
-
-
-def build_segmenter(ref: str, model_dir: Path, device: torch.device, cache_size: int = 8) -> Segmenter:
-    path = resolve_model(ref, model_dir)
-    log.info("loading segmenter %s from %s on %s", ref, path, device)
-    if path.is_file():
-        from .sam_original import OriginalSamSegmenter
-
-        return OriginalSamSegmenter(path, ref, device, cache_size)
-    kind = _model_type(path)
-    if kind != "sam":
-        raise ModelUnavailableError(f"segmenter {ref!r} is a {kind!r} model; supported: a SAM ('sam') model")
-    from .sam import HfSamSegmenter
-
-    return HfSamSegmenter(path, ref, device, cache_size)

@@ -1,8 +1,9 @@
-"""The small interfaces every model family implements: Detector, Segmenter, and Classifier (zero-shot, CLIP-style)."""
+"""The small interfaces model families implement, one per role of the registry (registry.py): Detector, Segmenter,
+Classifier (zero-shot, CLIP-style) and ImageEncoder (embeddings, e.g. for review)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import supervision as sv
@@ -17,9 +18,10 @@ class Detector(Protocol):
     model_id: str
 
     def detect(self, images: list[np.ndarray], ontology: Ontology) -> list[sv.Detections]:
-        """One Detections per RGB uint8 HxWx3 image: absolute xyxy boxes, `class_id` indexing `ontology.labels`,
-        `data["class_name"]`, confidence, and the uncertainty signals `data["runner_up"]` (best score of another
-        label for the same box), `data["synonym_spread"]` and `metadata["near_misses"]` (see `active.py`)."""
+        """One Detections per RGB uint8 HxWx3 image: absolute xyxy boxes clipped to the image, `class_id` indexing
+        `ontology.labels`, `data[CLASS_NAME]`, confidence and, from text-prompted detectors, `data[PROMPT]` and the
+        uncertainty signals `data[RUNNER_UP]` (best score of another label for the same box),
+        `data[SYNONYM_SPREAD]` and `metadata[NEAR_MISSES]` (names in `types.py`; see `active.py`)."""
         ...
 
 
@@ -60,4 +62,16 @@ class Classifier(Protocol):
 
     def decide(self, probs: np.ndarray, classification: Classification) -> list[list[int]]:
         """Chosen choice indices per row (single choice: the best; multiple: those over their thresholds)."""
+        ...
+
+
+@runtime_checkable
+class ImageEncoder(Protocol):
+    """Embeddings from a model's image encoder (the registry's `embeddings` capability)."""
+
+    model_id: str
+
+    def embed(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For an RGB uint8 HxWx3 image and N pixel xyxy boxes: (image embedding (C,), box embeddings (N, D)),
+        both L2-normalised float32; the sizes are fixed per model."""
         ...

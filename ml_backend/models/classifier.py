@@ -7,6 +7,8 @@ embedding is the mean of its normalised text embeddings (every template with eve
 Probabilities: a softmax over the choices of a single-choice classification (the model's logit scale applies); for
 multi-label classification a sigmoid per choice where the model was trained with one (SigLIP), else the softmax,
 with per-choice thresholds deciding.
+
+The image tower also serves as an image encoder (`embed`: the whole image and each box's crop, for review).
 """
 
 from __future__ import annotations
@@ -20,13 +22,12 @@ import numpy as np
 import torch
 from transformers import AutoModel, AutoProcessor
 
-from ..errors import ModelUnavailableError
 from ..ontology import Classification
-from .loading import resolve_model
+from .registry import CLASSIFICATION, CLASSIFIER, EMBEDDER, EMBEDDINGS, build, register
+from .tiny import write_tiny_classifier
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_TYPES = {"clip", "siglip", "siglip2", "chinese_clip", "altclip"}
 SIGMOID_TYPES = {"siglip", "siglip2"}
 SIGMOID_THRESHOLD = 0.5
 
@@ -36,6 +37,11 @@ def _features(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+@register(
+    "clip", "siglip", "siglip2", "chinese_clip", "altclip", roles=(CLASSIFIER, EMBEDDER),
+    capabilities=(CLASSIFICATION, EMBEDDINGS),
+    tiny={"clip": write_tiny_classifier, "siglip": lambda out: write_tiny_classifier(out, family="siglip")},
+)
 class ZeroShotClassifier:
     def __init__(self, path: Path, model_id: str, device: torch.device, batch_size: int = 64, text_cache_size: int = 4096):
         self.model_id = model_id
@@ -79,6 +85,17 @@ class ZeroShotClassifier:
                 self.forward_calls["image"] += 1
             out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
         return torch.cat(out)
+
+    def embed(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The image and each box's crop (at least one pixel) through the image tower: ((D,), (N, D))."""
+        h, w = image.shape[:2]
+        crops = []
+        for x1, y1, x2, y2 in np.asarray(boxes, np.float32).reshape(-1, 4):
+            x1, y1 = int(np.clip(np.floor(x1), 0, w - 1)), int(np.clip(np.floor(y1), 0, h - 1))
+            x2, y2 = int(np.clip(np.ceil(x2), x1 + 1, w)), int(np.clip(np.ceil(y2), y1 + 1, h))
+            crops.append(image[y1:y2, x1:x2])
+        embedded = self.embed_images([image, *crops]).numpy()  # normalised
+        return embedded[0], embedded[1:]
 
     @torch.inference_mode()
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
@@ -146,16 +163,5 @@ class ZeroShotClassifier:
 
 
 def build_classifier(ref: str, model_dir: Path, device: torch.device, batch_size: int = 64) -> ZeroShotClassifier:
-    import json
-
-    path = resolve_model(ref, model_dir)
-    try:
-        kind = json.loads((path / "config.json").read_text())["model_type"]
-    except (OSError, KeyError, ValueError):
-        raise ModelUnavailableError(f"classifier {ref!r}: {path} has no readable config.json with a model_type") from None
-    if kind not in SUPPORTED_TYPES:
-        raise ModelUnavailableError(
-            f"classifier {ref!r} is a {kind!r} model; supported: CLIP-style models {sorted(SUPPORTED_TYPES)}"
-        )
-    log.info("loading classifier %s from %s on %s", ref, path, device)
-    return ZeroShotClassifier(path, ref, device, batch_size)
+    """A registered classifier family (CLIP-style) from a hub id or directory."""
+    return build(CLASSIFIER, ref, model_dir, device, batch_size=batch_size)

@@ -4,7 +4,8 @@ All prompts of the ontology go into one caption ("bottle . plastic bottle . soda
 captions only when they exceed the model's text length. Each query's score for a prompt is the highest token
 probability inside that prompt's token span; a label scores its best prompt. A box is kept when its label score
 reaches the label's threshold and its prompt's mean token probability reaches `text_threshold`; boxes of one label
-(from any of its synonyms) are then merged by class-aware NMS.
+(from any of its synonyms) are then merged by class-aware NMS (`prompted.py`, shared with OWL). Its Swin backbone's
+last stage also serves as an image encoder (`embed`, for review).
 """
 
 from __future__ import annotations
@@ -16,16 +17,16 @@ from pathlib import Path
 import numpy as np
 import supervision as sv
 import torch
-from torchvision.ops import batched_nms
 from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
 from ..ontology import Ontology
-from ..types import make_detections
+from .features import FeatureMap, embed_feature_map
+from .prompted import merge, score_boxes, to_pixels
+from .registry import BOXES, DETECTOR, EMBEDDER, EMBEDDINGS, TEXT_PROMPTS, register
+from .tiny import write_tiny_detector
 
 log = logging.getLogger(__name__)
 
-NEAR_MISS_BAND = 0.1
-SUPPORTED_TYPES = {"grounding-dino", "mm-grounding-dino"}
 
 
 class QueryChunkedDeformableAttention(torch.nn.Module):
@@ -59,6 +60,11 @@ def chunk_deformable_attention(model: torch.nn.Module, chunk: int = 4096) -> tor
     return model
 
 
+@register(
+    "grounding-dino", "mm-grounding-dino", roles=(DETECTOR, EMBEDDER), capabilities=(BOXES, TEXT_PROMPTS, EMBEDDINGS),
+    tiny={"grounding-dino": write_tiny_detector,
+          "mm-grounding-dino": lambda out: write_tiny_detector(out, family="mm-grounding-dino")},
+)
 class GroundingDinoDetector:
     def __init__(self, path: Path, model_id: str, device: torch.device, batch_size: int = 4):
         self.model_id = model_id
@@ -123,7 +129,7 @@ class GroundingDinoDetector:
                 for offset, i in enumerate(batch):
                     found = self._score(probs[offset], boxes[offset], spans, labels, group, ontology, images[i].shape[:2])
                     candidates[i].append(found)
-        return [self._merge(parts, ontology) for parts in candidates]
+        return [merge(parts, ontology) for parts in candidates]
 
     def _batches(self, images: list[np.ndarray]) -> list[list[int]]:
         """Indices batched by image size: padding would change a DETR's output, and an image's boxes must not
@@ -139,54 +145,23 @@ class GroundingDinoDetector:
 
     @staticmethod
     def _score(probs, boxes, spans, labels, group, ontology: Ontology, hw) -> dict:
-        """Per query: best label, its score, the runner-up label score and the synonym spread."""
-        num_labels = len(ontology.labels)
+        """A prompt's score for a query is its peak token probability; its mean must reach `text_threshold`."""
         peak = torch.stack([probs[:, s].max(-1).values if s else torch.zeros(len(probs)) for s in spans], -1)
         mean = torch.stack([probs[:, s].mean(-1) if s else torch.zeros(len(probs)) for s in spans], -1)
-        label_scores = torch.full((len(probs), num_labels), -1.0)
-        label_scores.scatter_reduce_(1, labels.expand(len(probs), -1), peak, reduce="amax")
-        best, best_label = label_scores.max(-1)
-        best_prompt = torch.where(labels[None, :] == best_label[:, None], peak, -1.0).argmax(-1)
-        # synonym spread: how much the prompts of the chosen label disagree (0 when a label has one prompt)
-        same = labels[None, :] == best_label[:, None]
-        spread = torch.where(same, peak, 1e9).min(-1).values
-        spread = (best - spread).clamp(min=0)
-        runner_up = label_scores.scatter(1, best_label[:, None], -1.0).max(-1).values.clamp(min=0)
-        thresholds = torch.tensor([s.threshold for s in ontology.labels])[best_label]
-        phrase_ok = mean.gather(1, best_prompt[:, None])[:, 0] >= ontology.text_threshold
-        keep = (best >= thresholds) & phrase_ok
-        near = (~keep) & (best >= thresholds - NEAR_MISS_BAND)
         h, w = hw
-        cx, cy, bw, bh = boxes.unbind(-1)
-        xyxy = torch.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], -1)
-        xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, w)
-        xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, h)
-        return {
-            "xyxy": xyxy[keep],
-            "score": best[keep],
-            "label": best_label[keep],
-            "prompt": [group[i] for i in best_prompt[keep].tolist()],
-            "runner_up": runner_up[keep],
-            "spread": spread[keep],
-            "near_misses": (best[near] - thresholds[near]).tolist(),
-        }
+        xyxy = to_pixels(boxes, (w, h), hw)
+        return score_boxes(peak, labels, group, ontology, xyxy, prompt_ok=mean >= ontology.text_threshold)
 
-    @staticmethod
-    def _merge(parts: list[dict], ontology: Ontology) -> sv.Detections:
-        xyxy = torch.cat([p["xyxy"] for p in parts])
-        score = torch.cat([p["score"] for p in parts])
-        label = torch.cat([p["label"] for p in parts])
-        near_misses = [m for p in parts for m in p["near_misses"]]
-        valid = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
-        idx = valid.nonzero()[:, 0]
-        keep = idx[batched_nms(xyxy[idx], score[idx], label[idx], ontology.nms_iou)][: ontology.max_detections]
-        runner_up = torch.cat([p["runner_up"] for p in parts])[keep]
-        spread = torch.cat([p["spread"] for p in parts])[keep]
-        names = np.array([ontology.labels[i].name for i in label[keep].tolist()], dtype=object)
-        prompts = np.array([q for p in parts for q in p["prompt"]] or [""], dtype=object)[keep.numpy()]
-        detections = make_detections(
-            xyxy[keep].numpy(), score[keep].numpy(), label[keep].numpy(), names,
-            prompt=prompts, runner_up=runner_up.numpy(), synonym_spread=spread.numpy(),
-        )
-        detections.metadata["near_misses"] = near_misses
-        return detections
+    # -- embeddings ---------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def feature_map(self, image: np.ndarray) -> FeatureMap:
+        """The backbone's last stage (Swin) on one image: no padding beyond the resize."""
+        inputs = self.processor.image_processor(images=[image], return_tensors="pt").to(self.device)
+        with self._lock:
+            feats, _ = self.model.model.backbone.conv_encoder(inputs["pixel_values"], inputs["pixel_mask"])[-1]
+        feats = feats.float().cpu()
+        (h, w), (fh, fw) = image.shape[:2], feats.shape[-2:]
+        return FeatureMap(feats, (fw / w, fh / h), (fh, fw))
+
+    def embed(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return embed_feature_map(self.feature_map(image), boxes)

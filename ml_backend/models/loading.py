@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 _TRUE = {"1", "true", "yes", "on"}
 STUDENT_PREFIX = "student:"
+# ref prefixes naming a local directory (`student:DIR`), with what the directory is; families add theirs (registry)
+LOCAL_PREFIXES: dict[str, str] = {STUDENT_PREFIX: "student directory"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
@@ -67,14 +69,15 @@ def _unavailable(ref: str, model_dir: Path, why: str) -> ModelUnavailableError:
 
 
 def resolve_model(ref: str, model_dir: Path) -> Path:
-    """Return a local path (directory, or a checkpoint file) holding the model `ref`; `student:DIR` (a distilled
-    student) is DIR as given, else below MODEL_DIR."""
-    if ref.startswith(STUDENT_PREFIX):
-        directory = Path(ref[len(STUDENT_PREFIX):]).expanduser()
+    """Return a local path (directory, or a checkpoint file) holding the model `ref`; a prefixed ref such as
+    `student:DIR` (a distilled student) is DIR as given, else below MODEL_DIR."""
+    prefix = next((p for p in LOCAL_PREFIXES if ref.startswith(p)), None)
+    if prefix is not None:
+        directory = Path(ref[len(prefix):]).expanduser()
         if not directory.is_dir() and (model_dir / directory).is_dir():
             directory = model_dir / directory
         if not directory.is_dir():
-            raise ModelUnavailableError(f"student directory {directory} does not exist (from --detector {ref})")
+            raise ModelUnavailableError(f"{LOCAL_PREFIXES[prefix]} {directory} does not exist (from {ref})")
         return directory
     path = Path(ref).expanduser()
     if path.exists():

@@ -1,5 +1,6 @@
 """SAM through transformers' SamModel, with an LRU cache of image embeddings keyed by image content, so that
-further clicks or boxes on the same image cost only the mask decoder."""
+further clicks or boxes on the same image cost only the mask decoder. The same cached image embedding serves as an
+image encoder (`embed`, for review)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention
 from transformers import SamModel, SamProcessor
 from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
+
+from .features import FeatureMap, embed_feature_map
+from .registry import BOX_PROMPTS, CLICKS, EMBEDDER, EMBEDDINGS, MASKS, SEGMENTER, register
+from .tiny import write_tiny_segmenter
 
 DECODER_CHUNK = 16  # boxes decoded (and upscaled to full size) at once, bounding memory on large images
 
@@ -84,6 +89,8 @@ def lean_global_attention(model: SamModel) -> SamModel:
     return model
 
 
+@register("sam", roles=(SEGMENTER, EMBEDDER), capabilities=(MASKS, BOX_PROMPTS, CLICKS, EMBEDDINGS),
+          tiny={"sam": write_tiny_segmenter})
 class HfSamSegmenter:
     def __init__(self, path: Path, model_id: str, device: torch.device, cache_size: int = 8):
         self.model_id = model_id
@@ -105,6 +112,20 @@ class HfSamSegmenter:
         with self._lock:
             embeddings = self.model.get_image_embeddings(inputs["pixel_values"].to(self.device))
         return embeddings, inputs["original_sizes"], inputs["reshaped_input_sizes"]
+
+    def feature_map(self, image: np.ndarray) -> FeatureMap:
+        """The (cached) image embedding over the padded input; the image covers its top-left cells."""
+        feats, original, reshaped = self.cache.get_or_compute(image_key(image), lambda: self._encode(image))
+        feats = feats.float().cpu()
+        (h, w), (rh, rw) = original[0].tolist(), reshaped[0].tolist()
+        pad = self.processor.image_processor.pad_size
+        cell_y, cell_x = pad["height"] / feats.shape[-2], pad["width"] / feats.shape[-1]
+        valid = (max(1, int(np.ceil(rh / cell_y))), max(1, int(np.ceil(rw / cell_x))))
+        return FeatureMap(feats, (rw / w / cell_x, rh / h / cell_y), valid)
+
+    @torch.inference_mode()
+    def embed(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return embed_feature_map(self.feature_map(image), boxes)
 
     @torch.inference_mode()
     def segment(self, image, boxes=None, points=None, point_labels=None):

@@ -1,5 +1,6 @@
 """Original `sam_vit_{b,l,h}*.pth` checkpoints through the `segment-anything` package (extra `sam-original`),
-behind the same interface and embedding cache as the transformers SAM."""
+behind the same interface and embedding cache as the transformers SAM. Registered for `.pth` files; no tiny model
+(the package builds full-size ViTs only)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import ModelUnavailableError
+from .registry import BOX_PROMPTS, CLICKS, MASKS, SEGMENTER, register
 from .sam import EmbeddingCache, choose_multimask, image_key
 
 ENCODER_WIDTH = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
@@ -25,6 +27,7 @@ def checkpoint_type(path: Path) -> str:
     return ENCODER_WIDTH[width]
 
 
+@register(name="sam-original", suffixes=(".pth", ".pt"), roles=SEGMENTER, capabilities=(MASKS, BOX_PROMPTS, CLICKS))
 class OriginalSamSegmenter:
     def __init__(self, path: Path, model_id: str, device: torch.device, cache_size: int = 8):
         try:

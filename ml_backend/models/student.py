@@ -4,7 +4,8 @@ post-processing shared by the PyTorch and ONNX paths, so both give the same dete
 `StudentRaw` is what ONNX exports: uint8 images (B, 3, S, S), letterboxed -> `boxes` (B, N, 4) xyxy in input
 pixels and `scores` (B, N, C) in [0, 1] (FCOS: sqrt(class prob x centerness)). `postprocess` thresholds, keeps the
 top candidates per image and applies class-wise NMS. A student directory holds `student.json` (its config and
-classes), `model.pt` (weights) and, once exported, `model.onnx`; `StudentDetector` serves either as a `Detector`.
+classes), `model.pt` (weights) and, once exported, `model.onnx`; `StudentDetector` serves either as a `Detector`,
+registered for refs `student:DIR`.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ from torch import nn
 
 from ..errors import ModelUnavailableError
 from ..ontology import Ontology
-from ..types import make_detections
+from ..types import NEAR_MISS_BAND, NEAR_MISSES, RUNNER_UP, make_detections
+from .loading import STUDENT_PREFIX
+from .registry import BOXES, DETECTOR, register
+from .tiny import write_tiny_student
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE, ONNX_FILE = "student.json", "model.pt", "model.onnx"
-NEAR_MISS = 0.1  # candidates this far below their threshold are near misses (see active.py)
 LICENSE = "BSD-3-Clause (torchvision FCOS + ResNet-18); weights trained on your labels are yours"
 
 
@@ -257,13 +260,13 @@ class StudentDetector:
         return out
 
     def _one(self, image, boxes, scores, pairs, ontology: Ontology) -> sv.Detections:
-        """Boxes over their label's threshold; candidates within `NEAR_MISS` below it are kept as near misses."""
+        """Boxes over their label's threshold; candidates within `NEAR_MISS_BAND` below it are near misses."""
         names = ontology.names
         if not pairs:
-            return make_detections(np.zeros((0, 4)), [], [], [], runner_up=np.zeros(0, np.float32))
+            return make_detections(np.zeros((0, 4)), [], [], [], **{RUNNER_UP: np.zeros(0, np.float32)})
         sub = scores[:, [c for c, _, _ in pairs]]
         thresholds = np.array([t for _, _, t in pairs], np.float32)
-        xyxy, conf, k, point = postprocess(boxes, sub, np.maximum(thresholds - NEAR_MISS, 0.01), ontology.nms_iou,
+        xyxy, conf, k, point = postprocess(boxes, sub, np.maximum(thresholds - NEAR_MISS_BAND, 0.01), ontology.nms_iou,
                                            ontology.max_detections)
         near = conf < thresholds[k]
         gaps = (conf[near] - thresholds[k[near]]).tolist()
@@ -272,7 +275,14 @@ class StudentDetector:
         others = sub[point].copy()  # the best other known class at the same point: the confusion signal
         others[np.arange(len(k)), k] = 0
         label_ids = np.array([pairs[i][1] for i in k], int)
-        det = make_detections(xyxy, conf, label_ids, [names[j] for j in label_ids],
-                              runner_up=others.max(1) if len(pairs) > 1 else np.zeros(len(k), np.float32))
-        det.metadata["near_misses"] = gaps
+        runner_up = others.max(1) if len(pairs) > 1 else np.zeros(len(k), np.float32)
+        det = make_detections(xyxy, conf, label_ids, [names[j] for j in label_ids], **{RUNNER_UP: runner_up})
+        det.metadata[NEAR_MISSES] = gaps
         return det
+
+
+@register(name="student", prefix=STUDENT_PREFIX, roles=DETECTOR, capabilities=(BOXES,),
+          tiny={"student": write_tiny_student}, identify=student_id)
+def load_student(path: Path, model_id: str, device: torch.device, batch_size: int = 8) -> StudentDetector:
+    """The registry's builder: a student directory (its id comes from its weights, not the ref)."""
+    return StudentDetector(path, device, batch_size)

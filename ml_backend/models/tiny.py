@@ -1,6 +1,8 @@
-"""Tiny randomly initialised Grounding DINO and SAM, written offline in the standard saved format.
+"""Tiny randomly initialised models, written offline in the standard saved format, one writer per kind: Grounding
+DINO, MM-Grounding-DINO, OWLv2, OWL-ViT, SAM, CLIP, SigLIP and the distilled student.
 
-They exercise exactly the loading and inference code that real weights use; tests and CI run on them."""
+They exercise exactly the loading and inference code that real weights use; tests and CI run on them. Each model
+family names its writers in its registration (`registry.register(tiny=...)`); `write_tiny_kinds` writes them all."""
 
 from __future__ import annotations
 
@@ -94,21 +96,61 @@ def write_tiny_segmenter(out: Path, seed: int = 0) -> Path:
 
 
 def write_tiny_clip(out: Path, seed: int = 0) -> Path:
-    """A tiny random CLIP (image and text towers) with its image processor, e.g. for review embeddings."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+    """A tiny random CLIP (image and text towers, tokenizer, processor), e.g. for review embeddings."""
+    return write_tiny_classifier(out, seed, family="clip")
+
+
+def clip_tokenizer(max_length: int = 16):
+    """A character-level CLIP BPE tokenizer (no merges); end-of-text has the largest id, as CLIP's pooling needs,
+    and start-of-text a non-zero one, as OWL's query mask needs."""
+    from transformers import CLIPTokenizer
+
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    tokens = ["!", *chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length, pad_token="!")
+
+
+def write_tiny_owl(out: Path, seed: int = 0, family: str = "owlv2") -> Path:
+    """A tiny random OWLv2 ("owlv2": pads images to a square) or OWL-ViT ("owlvit": stretches them), 64 px input."""
+    import transformers as tf
+
+    classes = {"owlv2": ("Owlv2Config", "Owlv2ForObjectDetection", "Owlv2ImageProcessor", "Owlv2Processor"),
+               "owlvit": ("OwlViTConfig", "OwlViTForObjectDetection", "OwlViTImageProcessor", "OwlViTProcessor")}
+    if family not in classes:
+        raise ValueError(f"family {family!r} is not one of {sorted(classes)}")
+    config_class, model_class, image_processor_class, processor_class = (getattr(tf, n) for n in classes[family])
+    torch.manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = clip_tokenizer()
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    text = tower | dict(vocab_size=len(tokenizer), max_position_embeddings=16, pad_token_id=0,
+                        bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1)
+    config = config_class(text_config=text, vision_config=tower | dict(image_size=64, patch_size=8), projection_dim=16)
+    model_class(config).eval().save_pretrained(out)
+    size = {"height": 64, "width": 64}
+    image_processor = image_processor_class(size=size, **({"crop_size": size} if family == "owlvit" else {}))
+    processor_class(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    return out
+
+
+def write_tiny_student(out: Path, seed: int = 0, classes: tuple[str, ...] = ("car", "person")) -> Path:
+    """A tiny random distilled student (FCOS on ResNet-18, 64 px input, slim FPN): `student.json` and `model.pt`."""
+    from .student import WEIGHTS_FILE, StudentConfig, build_student
 
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
-    config = CLIPConfig(
-        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=len(WORDS) + 200, max_position_embeddings=16, bos_token_id=0, eos_token_id=1),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        projection_dim=8,
-    )
-    CLIPModel(config).eval().save_pretrained(out)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
+    config = StudentConfig(classes=list(classes), image_size=64, fpn_channels=32, head_convs=1, levels=3)
+    torch.save(build_student(config).eval().state_dict(), out / WEIGHTS_FILE)
+    config.save(out)
     return out
+
+
+def write_tiny_kinds(out: Path, kinds: list[str] | None = None) -> dict[str, str]:
+    """A tiny model of every registered kind (or of `kinds`) as `out/<kind>`; returns {kind: model ref}."""
+    from .registry import write_tiny
+
+    return write_tiny(out, kinds)
 
 
 def write_tiny_models(out: Path, seed: int = 0) -> dict[str, Path]:
