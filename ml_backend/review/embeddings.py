@@ -1,7 +1,7 @@
-"""Embeddings from the pipeline's own image encoder (SAM's), so nothing is downloaded: per object, the encoder's
-feature map ROI-aligned over the box (2x2 cells); per image, the feature map averaged over the image (no padding).
-Or, when configured, a CLIP/SigLIP model's image tower on the image and on each object's crop.
-Then FiftyOne Brain's visualization (UMAP), uniqueness and near duplicates, always with `embeddings=` given."""
+"""Embeddings for review from a model's image encoder (`models.ImageEncoder`): by default the pipeline's own (SAM's
+cached image embedding, else the detector's backbone), so nothing is downloaded; or, when configured, a CLIP/SigLIP
+model on the image and on each object's crop. Then FiftyOne Brain's visualization (UMAP), uniqueness and near
+duplicates, always with `embeddings=` given."""
 
 from __future__ import annotations
 
@@ -10,112 +10,54 @@ import logging
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.ops import roi_align
 
 from ..errors import ConfigError
+from ..models import ImageEncoder, build_embedder
 from .convert import to_pixels
 
 log = logging.getLogger(__name__)
 
-ROI = 2  # output cells per side of each box
+
+class Embedder:
+    """(image embedding (C,), box embeddings (N, D)), L2-normalised, for an RGB image and pixel xyxy boxes."""
+
+    def __init__(self, encoder: ImageEncoder):
+        self.encoder = encoder
+
+    def __call__(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.encoder.embed(image, boxes)
 
 
-class EncoderEmbedder:
-    """Wraps a SAM segmenter of ml_backend.models (HF SAM): its image-embedding cache is reused."""
+class EncoderEmbedder(Embedder):
+    """The segmenter's image encoder (HF SAM: its image-embedding cache is reused)."""
 
     def __init__(self, segmenter):
-        if segmenter is None or not hasattr(segmenter, "processor"):
+        if not isinstance(segmenter, ImageEncoder):
             raise ConfigError("review embeddings use the pipeline's SAM image encoder: configure a (HF) SAM segmenter "
                               "(e.g. --segmenter DIR), or run with --no-embeddings")
-        self.segmenter = segmenter
-        pad = segmenter.processor.image_processor.pad_size
-        self.pad = (pad["height"], pad["width"])
-
-    @torch.inference_mode()
-    def __call__(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(image embedding (C,), box embeddings (N, C*ROI*ROI)) for pixel xyxy `boxes`, L2-normalised."""
-        from ..models.sam import image_key
-
-        seg = self.segmenter
-        feats, original, reshaped = seg.cache.get_or_compute(image_key(image), lambda: seg._encode(image))
-        feats = feats.float().cpu()  # (1, C, gh, gw) over the padded input
-        h, w = original[0].tolist()
-        rh, rw = reshaped[0].tolist()
-        gh, gw = feats.shape[-2:]
-        cell_y, cell_x = self.pad[0] / gh, self.pad[1] / gw
-        valid = feats[0, :, : max(1, int(np.ceil(rh / cell_y))), : max(1, int(np.ceil(rw / cell_x)))]
-        image_emb = valid.mean(dim=(1, 2)).numpy()
-        scale = torch.tensor([rw / w / cell_x, rh / h / cell_y] * 2, dtype=torch.float32)
-        rois = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4)) * scale
-        pooled = roi_align(feats, [rois], output_size=ROI, spatial_scale=1.0, sampling_ratio=2, aligned=True)
-        return _normalise(image_emb[None])[0], _normalise(pooled.flatten(1).numpy())
+        super().__init__(segmenter)
 
 
-class BackboneEmbedder:
-    """The detector's own backbone (Grounding DINO's Swin, last stage), for pipelines without SAM."""
+class BackboneEmbedder(Embedder):
+    """The detector's own image encoder (e.g. Grounding DINO's Swin, last stage), for pipelines without SAM."""
 
     def __init__(self, detector):
-        backbone = getattr(getattr(getattr(detector, "model", None), "model", None), "backbone", None)
-        if backbone is None:
-            raise ConfigError(f"detector {getattr(detector, 'model_id', detector)!r} exposes no backbone to embed with")
-        self.detector, self.encoder = detector, backbone.conv_encoder
-
-    @torch.inference_mode()
-    def __call__(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        det = self.detector
-        inputs = det.processor.image_processor(images=[image], return_tensors="pt").to(det.device)
-        with det._lock:  # the detector's own lock: one forward at a time
-            feats, _ = self.encoder(inputs["pixel_values"], inputs["pixel_mask"])[-1]
-        feats = feats.float().cpu()
-        h, w = image.shape[:2]
-        fh, fw = feats.shape[-2:]
-        scale = torch.tensor([fw / w, fh / h] * 2, dtype=torch.float32)  # one image: no padding beyond the resize
-        rois = torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 4)) * scale
-        pooled = roi_align(feats, [rois], output_size=ROI, spatial_scale=1.0, sampling_ratio=2, aligned=True)
-        return _normalise(feats[0].mean(dim=(1, 2)).numpy()[None])[0], _normalise(pooled.flatten(1).numpy())
+        if not isinstance(detector, ImageEncoder):
+            raise ConfigError(f"detector {getattr(detector, 'model_id', detector)!r} has no image encoder to embed with")
+        super().__init__(detector)
 
 
-class ClipEmbedder:
+class ClipEmbedder(Embedder):
     """A configured CLIP or SigLIP model (hub id or local directory, e.g. openai/clip-vit-base-patch32 or
     google/siglip-base-patch16-224): the whole image, and each object's crop, through its image tower."""
 
-    BATCH = 32  # crops per forward pass
-
     def __init__(self, ref: str, model_dir, device: torch.device):
-        from transformers import AutoImageProcessor, AutoModel
-
-        from ..models.loading import resolve_model
-
-        path = resolve_model(ref, model_dir)
-        self.model = AutoModel.from_pretrained(path).to(device).eval()
-        if not hasattr(self.model, "get_image_features"):
-            raise ConfigError(f"embedding model {ref!r} ({type(self.model).__name__}) has no image tower: use a CLIP or SigLIP model")
-        self.processor, self.device = AutoImageProcessor.from_pretrained(path), device
-
-    @torch.inference_mode()
-    def _embed(self, images: list[np.ndarray]) -> np.ndarray:
-        out = []
-        for start in range(0, len(images), self.BATCH):
-            inputs = self.processor(images=images[start : start + self.BATCH], return_tensors="pt").to(self.device)
-            features = self.model.get_image_features(**inputs)
-            features = getattr(features, "pooler_output", features)  # transformers 5 returns a model output
-            out.append(features.float().cpu().numpy())
-        return _normalise(np.concatenate(out))
-
-    def __call__(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        h, w = image.shape[:2]
-        crops = []
-        for x1, y1, x2, y2 in np.asarray(boxes, np.float32).reshape(-1, 4):
-            x1, y1 = int(np.clip(np.floor(x1), 0, w - 1)), int(np.clip(np.floor(y1), 0, h - 1))
-            x2, y2 = int(np.clip(np.ceil(x2), x1 + 1, w)), int(np.clip(np.ceil(y2), y1 + 1, h))
-            crops.append(image[y1:y2, x1:x2])
-        embedded = self._embed([image, *crops])
-        return embedded[0], embedded[1:]
+        super().__init__(build_embedder(ref, model_dir, device))
 
 
-def make_embedder(segmenter=None, detector=None):
-    """SAM's image encoder when the pipeline has a (HF) SAM, else the detector's backbone."""
-    if segmenter is not None and hasattr(segmenter, "processor"):
+def make_embedder(segmenter=None, detector=None) -> Embedder:
+    """SAM's image encoder when the pipeline has one (HF SAM), else the detector's."""
+    if isinstance(segmenter, ImageEncoder):
         return EncoderEmbedder(segmenter)
     if detector is not None:
         return BackboneEmbedder(detector)
@@ -123,11 +65,7 @@ def make_embedder(segmenter=None, detector=None):
                       "or run with --no-embeddings")
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
-
-
-def compute_embeddings(dataset, embedder: EncoderEmbedder, fields: tuple[str, ...]) -> tuple[np.ndarray, dict]:
+def compute_embeddings(dataset, embedder: Embedder, fields: tuple[str, ...]) -> tuple[np.ndarray, dict]:
     """Image embeddings (in dataset order) and, per field, {sample id: (num objects, dim)} patch embeddings."""
     dataset.compute_metadata(progress=False)
     images, patches = [], {f: {} for f in fields}
