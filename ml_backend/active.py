@@ -60,6 +60,12 @@ def uncertainty_from_scores(scores: np.ndarray, thresholds: np.ndarray) -> float
     return combine(np.clip(margin_uncertainties(scores, thresholds), 0, 1))
 
 
+def classification_confidence(probs: np.ndarray, chosen: list[list[int]]) -> float:
+    """How sure a classification is: the lowest chosen probability over its rows (images or regions), 1.0 with
+    none chosen."""
+    return round(min((float(probs[r][j]) for r, row in enumerate(chosen) for j in row), default=1.0), 6)
+
+
 def task_score(detections: sv.Detections, ontology: Ontology) -> float:
     """The prediction `score` Label Studio shows: image confidence, low = hard."""
     return round(1.0 - image_uncertainty(detections, ontology), 6)

@@ -67,7 +67,7 @@ class LabeledImage:
     (e.g. the task id) and a link back to the tool. Readers of the tools produce these; review/distill consume them."""
 
     key: str
-    image: str  # local path, or a reference (URL, Label Studio path) an ImageLoader resolves
+    image: str  # local path, or a reference (URL, Label Studio path) an ImageSource resolves
     width: int | None = None
     height: int | None = None
     predictions: sv.Detections | None = None

@@ -16,11 +16,12 @@ import cvat_sdk.auto_annotation as cvataa
 import numpy as np
 import PIL.Image
 
+from ..engine import ClassifyRequest, Engine, RequestSpec
 from ..errors import ConfigError
+from ..media import MediaItem
 from ..ontology import PromptsFile
-from ..pipeline import Pipeline
 from ..settings import Settings
-from .convert import SHAPE_TYPES, classification_to_sdk_tags, mask_points, outline_points, rectangle_points
+from .convert import SHAPE_TYPES, classification_to_sdk_tags, detections_to_sdk_shapes
 
 
 def parse_shapes(value: str, labels: list[str]) -> dict[str, str]:
@@ -61,42 +62,30 @@ class PrelabelDetectionFunction:
         needs_masks = any(s != "rectangle" for s in self.shapes.values())
         if not needs_masks or segmenter is not None:  # boxes only: SAM is not loaded
             overrides["segmenter"] = segmenter if needs_masks and segmenter.lower() != "none" else ""
-        self.pipeline = Pipeline.from_settings(Settings(**overrides))
+        self.engine = Engine.from_settings(Settings(**overrides))
         if needs_masks:
-            self.pipeline.require_segmenter()
-        self.ontology = self.pipeline.ontology()
-        self.tags = self.pipeline.prompts.tag_classification()
+            self.engine.require_segmenter()
+        self.ontology = self.engine.ontology()
+        self.tags = self.engine.prompts.tag_classification()
         if self.tags is not None:
-            self.pipeline.require_classifier("the prompts file's `tags:`")
+            self.engine.require_classifier("the prompts file's `tags:`")
+        self.mask_labels = frozenset(name for name, shape in self.shapes.items() if shape != "rectangle")
         labels = [cvataa.label_spec(s.name, i, type=self.shapes[s.name]) for i, s in enumerate(self.ontology.labels)]
         self.tag_ids = [len(labels) + j for j in range(len(self.tags.choices) if self.tags else 0)]
         labels += [cvataa.label_spec(name, i, type="tag") for i, name in zip(self.tag_ids, self.tags.names if self.tags else [])]
         self.spec = cvataa.DetectionFunctionSpec(labels=labels)
 
     def detect(self, context: cvataa.DetectionFunctionContext, image: PIL.Image.Image) -> list:
+        """Tags, then each detection as its label's shape; SAM runs only on images where a mask label was found."""
         ontology = self.ontology if context.conf_threshold is None else self.ontology.with_threshold(context.conf_threshold)
-        array = np.array(image.convert("RGB"))
-        out = []
-        if self.tags is not None:
-            out += classification_to_sdk_tags(self.tag_ids, self.pipeline.classify([array], self.tags.fill(None))[1][0])
-        if not ontology.labels:
-            return out
-        detections = self.pipeline.detect([array], ontology.fill(None))[0]
-        names = [str(n) for n in detections.data.get("class_name", [])]
-        if any(self.shapes[n] != "rectangle" for n in names):
-            self.pipeline.add_masks(array, detections)
-        for i, name in enumerate(names):
-            label_id, score = int(detections.class_id[i]), float(detections.confidence[i])
-            shape = self.shapes[name]
-            if shape == "mask" and context.conv_mask_to_poly:
-                shape = "polygon"
-            if shape == "rectangle":
-                out.append(cvataa.rectangle(label_id, rectangle_points(detections.xyxy[i]), score=score))
-            elif shape == "mask":
-                out.append(cvataa.mask(label_id, mask_points(detections.mask[i], detections.xyxy[i]), score=score))
-            else:
-                out.append(cvataa.polygon(label_id, outline_points(detections.mask[i], detections.xyxy[i]), score=score))
-        return out
+        classify = (ClassifyRequest("tags", self.tags),) if self.tags is not None else ()
+        item = MediaItem(np.array(image.convert("RGB")), getattr(context, "frame_name", "a CVAT frame"))
+        result = self.engine.run([item], RequestSpec(ontology, classify, masks=self.mask_labels))[0]
+        if result.error is not None:
+            raise result.error
+        out = [tag for scores in result.classes for tag in classification_to_sdk_tags(self.tag_ids, scores.chosen[0])]
+        return out + detections_to_sdk_shapes(result.detections, list(range(len(ontology.labels))), self.shapes,
+                                              context.conv_mask_to_poly)
 
 
 create = PrelabelDetectionFunction

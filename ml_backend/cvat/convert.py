@@ -64,8 +64,32 @@ def match_labels(names: list[str], cvat_labels: list[str]) -> dict[str, str]:
     return out
 
 
+def shape_points(shape_type: str, xyxy, mask: np.ndarray | None) -> list[float]:
+    """What CVAT stores as a shape's points: a rectangle's corners, a mask's run lengths (with its box), a
+    polygon's outline."""
+    if shape_type == "rectangle":
+        return rectangle_points(xyxy)
+    if mask is None:
+        raise ConfigError(f"{shape_type} shapes need masks: run with a segmenter")
+    return mask_points(mask, xyxy) if shape_type == "mask" else outline_points(mask, xyxy)
+
+
+def clicks(pos: list, neg: list, corners) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """CVAT's interactor prompts -> (points (P, 2), their labels (1 positive, 0 negative), one xyxy box from two
+    opposite corners), each None when absent."""
+    both = [(p, 1) for p in pos] + [(p, 0) for p in neg]
+    points = np.array([p for p, _ in both], np.float32).reshape(-1, 2) if both else None
+    labels = np.array([label for _, label in both]) if both else None
+    box = None
+    if corners is not None:
+        (x1, y1), (x2, y2) = corners
+        box = np.array([min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)], np.float32)
+    return points, labels, box
+
+
 def detections_to_shapes(detections: sv.Detections, shape_type: str = "rectangle") -> list[dict]:
-    """CVAT's serverless response: one dict per detection, confidence as a string, as CVAT's own functions send."""
+    """CVAT's serverless response: one dict per detection, confidence as a string, as CVAT's own functions send;
+    a mask also carries its outline as `points`."""
     if shape_type not in SHAPE_TYPES:
         raise ConfigError(f"shape type {shape_type!r} is not one of {SHAPE_TYPES}")
     if shape_type != "rectangle" and detections.mask is None:
@@ -74,15 +98,33 @@ def detections_to_shapes(detections: sv.Detections, shape_type: str = "rectangle
     names = detections.data.get("class_name", [])
     for i in range(len(detections)):
         shape = {"confidence": f"{float(detections.confidence[i]):.4f}", "label": str(names[i]), "type": shape_type}
-        if shape_type == "rectangle":
-            shape["points"] = rectangle_points(detections.xyxy[i])
-        elif shape_type == "mask":
-            shape["mask"] = mask_points(detections.mask[i], detections.xyxy[i])
-            shape["points"] = polygon_points(detections.mask[i])
+        mask = None if detections.mask is None else detections.mask[i]
+        if shape_type == "mask":
+            shape["mask"] = shape_points("mask", detections.xyxy[i], mask)
+            shape["points"] = polygon_points(mask)
         else:
-            shape["points"] = outline_points(detections.mask[i], detections.xyxy[i])
+            shape["points"] = shape_points(shape_type, detections.xyxy[i], mask)
         shapes.append(shape)
     return shapes
+
+
+def detections_to_sdk_shapes(detections: sv.Detections, label_ids: list[int], shapes: dict[str, str],
+                             conv_mask_to_poly: bool = False) -> list:
+    """cvat-sdk auto-annotation shapes: each detection as its label's shape type (`shapes`), a mask as a polygon
+    when CVAT asks to convert them; `label_ids` map class ids to the function spec's label ids."""
+    import cvat_sdk.auto_annotation as cvataa
+
+    out = []
+    names = detections.data.get("class_name", [])
+    for i in range(len(detections)):
+        shape_type = shapes[str(names[i])]
+        if shape_type == "mask" and conv_mask_to_poly:
+            shape_type = "polygon"
+        mask = None if detections.mask is None else detections.mask[i]
+        points = shape_points(shape_type, detections.xyxy[i], mask)
+        make = {"rectangle": cvataa.rectangle, "mask": cvataa.mask, "polygon": cvataa.polygon}[shape_type]
+        out.append(make(label_ids[int(detections.class_id[i])], points, score=float(detections.confidence[i])))
+    return out
 
 
 def classification_to_tags(names: list[str], probs, chosen: list[int]) -> list[dict]:

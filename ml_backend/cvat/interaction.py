@@ -18,12 +18,11 @@ import numpy as np
 import PIL.Image
 from cvat_sdk import models
 
+from ..engine import Engine, model_refs
 from ..errors import ConfigError
-from ..models import Segmenter, build_segmenter, pick_device
 from ..ontology import PromptsFile
-from ..pipeline import model_refs, segment_interactive
 from ..settings import Settings
-from .convert import mask_points
+from .convert import clicks, mask_points
 
 
 @dataclass(frozen=True)
@@ -39,28 +38,20 @@ class PrelabelInteractionFunction:
         ref = model_refs(settings, PromptsFile.load(settings.prompts))[1]
         if not ref:
             raise ConfigError("the interaction function needs a segmenter: -p segmenter=str:HUB_ID_OR_DIR")
-        self.segmenter: Segmenter = build_segmenter(
-            ref, settings.model_dir, pick_device(settings.device), settings.embedding_cache_size
-        )
+        self.engine = Engine.from_settings(settings, detector=False)
 
     def preprocess_image(self, context: cvataa.InteractionFunctionContext, image: PIL.Image.Image) -> PreparedImage:
         array = np.array(image.convert("RGB"))
-        self.segmenter.prepare(array)
+        self.engine.prepare(array)
         return PreparedImage(array)
 
     def detect(
         self, context: cvataa.InteractionFunctionContext, pp_image: PreparedImage, prompts: cvataa.InteractionPrompts
     ) -> list[cvataa.InteractionResultShape]:
-        clicks = [(p, 1) for p in prompts.pos_points] + [(p, 0) for p in prompts.neg_points]
-        box = None
-        if prompts.bounding_box is not None:
-            (x1, y1), (x2, y2) = prompts.bounding_box
-            box = np.array([min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)], np.float32)
-        if not clicks and box is None:
+        points, labels, box = clicks(prompts.pos_points, prompts.neg_points, prompts.bounding_box)
+        if points is None and box is None:
             return []
-        points = np.array([p for p, _ in clicks], np.float32) if clicks else None
-        labels = np.array([label for _, label in clicks]) if clicks else None
-        mask, score = segment_interactive(self.segmenter, pp_image.array, points, labels, box)
+        mask, score = self.engine.segment(pp_image.array, points, labels, box)
         if not mask.any():
             return []
         confidence = models.AttributeValRequest(spec_id=cvataa.InteractionResultAttributes.CONFIDENCE, value=f"{score:.4f}")

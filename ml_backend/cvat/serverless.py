@@ -21,18 +21,18 @@ from typing import Any, Callable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..engine import ClassifyRequest, Engine, RequestSpec, model_refs
 from ..errors import ConfigError, ImageError, PrelabelError, RequestError, describe_validation
-from ..images import decode_image
-from ..models import Segmenter, build_segmenter, pick_device
+from ..media import MediaItem, decode_image
 from ..ontology import Classification, Ontology, PromptsFile
-from ..pipeline import Pipeline, model_refs, segment_interactive
 from ..settings import Settings
-from .convert import SHAPE_TYPES, classification_to_tags, detections_to_shapes, match_labels, polygon_points
+from .convert import SHAPE_TYPES, classification_to_tags, clicks, detections_to_shapes, match_labels, polygon_points
 
 log = logging.getLogger(__name__)
 
 SHAPE_ENV = "PRELABEL_CVAT_SHAPE"  # rectangle | mask | polygon: what the detector returns for every label
 PROMPTS_FILE = "prompts.yaml"  # beside main.py in the function's folder (copied there by `prelabel cvat spec`)
+TAGS = "tags"  # the classify request of the prompts file's `tags:`
 
 Point = tuple[float, float]
 
@@ -66,14 +66,14 @@ def _parse(model: type[BaseModel], body: Any) -> Any:
         raise RequestError(f"malformed request: {describe_validation(exc.errors())}") from None
 
 
-def decode_base64_image(text: str, max_pixels: int) -> np.ndarray:
+def decode_base64_image(text: str, max_pixels: int) -> MediaItem:
     if text.startswith("data:"):
         text = text.partition(",")[2]
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
         raise RequestError(f"'image' is not valid base64 ({exc})") from None
-    return decode_image(data, "in the request's 'image'", max_pixels).array
+    return decode_image(data, "in the request's 'image'", max_pixels)
 
 
 def _settings(function_dir: Path | None, **overrides) -> Settings:
@@ -85,19 +85,19 @@ def _settings(function_dir: Path | None, **overrides) -> Settings:
 
 
 class DetectorFunction:
-    """Grounding DINO boxes (and SAM masks for `mask`/`polygon`) for the labels of the prompts file, and tags
-    (zero-shot classification of the whole image) for its `tags:` labels."""
+    """Boxes (and masks for `mask`/`polygon`) for the labels of the prompts file, and tags (zero-shot
+    classification of the whole image) for its `tags:` labels."""
 
-    def __init__(self, pipeline: Pipeline, shape: str = "rectangle"):
+    def __init__(self, engine: Engine, shape: str = "rectangle"):
         if shape not in SHAPE_TYPES:
             raise ConfigError(f"{SHAPE_ENV}={shape!r} is not one of {SHAPE_TYPES}")
         if shape != "rectangle":
-            pipeline.require_segmenter()
-        self.pipeline, self.shape = pipeline, shape
-        self.ontology = pipeline.ontology()
-        self.tags: Classification | None = pipeline.prompts.tag_classification()
+            engine.require_segmenter()
+        self.engine, self.shape = engine, shape
+        self.ontology = engine.ontology()
+        self.tags: Classification | None = engine.prompts.tag_classification()
         if self.tags is not None:
-            pipeline.require_classifier("the prompts file's `tags:`")
+            engine.require_classifier("the prompts file's `tags:`")
         if not self.ontology.labels and self.tags is None:
             raise ConfigError(f"the detector has no labels: give it a prompts file ({PROMPTS_FILE} or PRELABEL_PROMPTS)")
 
@@ -105,28 +105,28 @@ class DetectorFunction:
     def from_env(cls, function_dir: Path | None = None) -> DetectorFunction:
         shape = os.environ.get(SHAPE_ENV, "rectangle")
         overrides = {"segmenter": ""} if shape == "rectangle" else {}  # boxes only: do not load SAM
-        return cls(Pipeline.from_settings(_settings(function_dir, **overrides)), shape)
+        return cls(Engine.from_settings(_settings(function_dir, **overrides)), shape)
 
     def label_spec(self) -> list[dict]:
         return label_spec(self.ontology, self.shape, self.tags)
 
     def __call__(self, body: Any) -> list[dict]:
-        """Shapes for the detected labels, then tags; `threshold` replaces the box thresholds (tags keep theirs)."""
+        """Shapes for the detected labels, then tags; `threshold` replaces the box thresholds (tags keep theirs).
+        CVAT sends no task data: a prompt naming a field is a clear error."""
         req = _parse(DetectBody, body)
         wanted = self._wanted(req.labels)
         ontology = replace(self.ontology, labels=tuple(s for s in self.ontology.labels if s.name in wanted))
         if req.threshold is not None:
             ontology = ontology.with_threshold(req.threshold)
-        ontology = ontology.fill(None)  # CVAT sends no task data: a prompt naming a field is a clear error
-        image = decode_base64_image(req.image, self.pipeline.settings.max_image_pixels)
-        out = []
-        if ontology.labels:
-            detections = self.pipeline.detect([image], ontology, masks=self.shape != "rectangle")[0]
-            out += detections_to_shapes(detections, self.shape)
-        if self.tags is not None and wanted & set(self.tags.names):
-            probs, chosen = self.pipeline.classify([image], self.tags.fill(None))
-            tags = classification_to_tags(self.tags.names, probs[0], chosen[0])
-            out += [t for t in tags if t["label"] in wanted]
+        tags = self.tags is not None and bool(wanted & set(self.tags.names))
+        spec = RequestSpec(ontology, (ClassifyRequest(TAGS, self.tags),) if tags else (), masks=self.shape != "rectangle")
+        image = decode_base64_image(req.image, self.engine.settings.max_image_pixels)
+        result = self.engine.run([image], spec)[0]
+        if result.error is not None:
+            raise result.error
+        out = detections_to_shapes(result.detections, self.shape) if ontology.labels else []
+        for scores in result.classes:
+            out += [t for t in classification_to_tags(self.tags.names, scores.probs[0], scores.chosen[0]) if t["label"] in wanted]
         return out
 
     def _wanted(self, labels: list[str] | None) -> set[str]:
@@ -142,37 +142,28 @@ class DetectorFunction:
 class InteractorFunction:
     """SAM: positive/negative clicks and/or a box -> one mask; image embeddings are cached across clicks."""
 
-    def __init__(self, segmenter: Segmenter, max_image_pixels: int):
-        self.segmenter, self.max_image_pixels = segmenter, max_image_pixels
+    def __init__(self, engine: Engine):
+        engine.require_segmenter()
+        self.engine = engine
 
     @classmethod
     def from_env(cls, function_dir: Path | None = None) -> InteractorFunction:
         settings = _settings(function_dir)
-        ref = model_refs(settings, PromptsFile.load(settings.prompts))[1]
-        if not ref:
+        if not model_refs(settings, PromptsFile.load(settings.prompts))[1]:
             raise ConfigError("the interactor needs a segmenter (PRELABEL_SEGMENTER)")
-        device = pick_device(settings.device)
-        segmenter = build_segmenter(ref, settings.model_dir, device, settings.embedding_cache_size)
-        return cls(segmenter, settings.max_image_pixels)
+        return cls(Engine.from_settings(settings, detector=False))
 
     def __call__(self, body: Any) -> dict:
         req = _parse(InteractBody, body)
         if not req.pos_points and req.obj_bbox is None:
             raise RequestError("nothing to segment: give at least one positive point (pos_points) or a box (obj_bbox)")
-        image = decode_base64_image(req.image, self.max_image_pixels)
-        h, w = image.shape[:2]
+        image = decode_base64_image(req.image, self.engine.settings.max_image_pixels)
+        w, h = image.width, image.height
         for field in ("pos_points", "neg_points", "obj_bbox"):
             for i, (x, y) in enumerate(getattr(req, field) or ()):
                 if not (0 <= x <= w and 0 <= y <= h):
                     raise RequestError(f"{field}[{i}] = ({x:g}, {y:g}) lies outside the {w}x{h} image")
-        clicks = [(p, 1) for p in req.pos_points] + [(p, 0) for p in req.neg_points]
-        points = np.array([p for p, _ in clicks], np.float32) if clicks else None
-        labels = np.array([label for _, label in clicks]) if clicks else None
-        box = None
-        if req.obj_bbox is not None:
-            (x1, y1), (x2, y2) = req.obj_bbox
-            box = np.array([min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)], np.float32)
-        mask, score = segment_interactive(self.segmenter, image, points, labels, box)
+        mask, score = self.engine.segment(image.array, *clicks(req.pos_points, req.neg_points, req.obj_bbox))
         flat = polygon_points(mask)
         return {
             "mask": mask.astype(np.uint8).tolist(),

@@ -15,7 +15,7 @@ import numpy as np
 from ..errors import ConfigError, PrelabelError
 from ..labelstudio.backend import LabelStudioBackend
 from ..labelstudio.config import parse_config
-from ..pipeline import Pipeline
+from ..engine import Engine
 from ..runner import Report, progress_bar
 from ..settings import Settings
 
@@ -42,7 +42,7 @@ class Predictor:
         import torch
 
         torch.set_num_threads(threads)
-        self.backend = LabelStudioBackend.for_batch(Pipeline.from_settings(settings))
+        self.backend = LabelStudioBackend.for_batch(Engine.from_settings(settings))
         self.config = parse_config(config_xml)
         self.ontology = self.backend.ontology_for(self.config)
         self.version = self.backend.version_for(self.config, self.ontology)

@@ -6,25 +6,24 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
 import supervision as sv
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..active import task_score
 from ..errors import ConfigError, PrelabelError, RequestError
-from ..images import ImageLoader, LoadedImage
+from .images import LabelStudioImageSource
+from ..media import MediaItem
 from ..metrics import Metrics
 from ..ontology import Classification, LabelSpec, Ontology, normalize_prompt
-from ..pipeline import Pipeline
+from ..engine import ClassifyRequest, Engine, RequestSpec
 from ..types import make_detections
 from .config import ProjectConfig, parse_config
 from .convert import (
     ChoiceScores,
     choices_result,
-    choices_score,
     detections_to_results,
     percent_to_box,
     percent_to_point,
@@ -104,24 +103,24 @@ class LoadedTasks:
 
     tasks: list
     entries: list[dict | None]
-    images: list[tuple[int, str, LoadedImage]]  # (task index, data key, image)
+    images: list[tuple[int, str, MediaItem]]  # (task index, data key, image)
 
 
 class LabelStudioBackend:
-    def __init__(self, pipeline: Pipeline, loader: ImageLoader, store: EventStore | None, metrics: Metrics):
-        self.pipeline = pipeline
+    def __init__(self, engine: Engine, loader: LabelStudioImageSource, store: EventStore | None, metrics: Metrics):
+        self.engine = engine
         self.loader = loader
         self.store = store
         self.metrics = metrics
-        self.settings = pipeline.settings
+        self.settings = engine.settings
         self.configs: dict[int | None, str] = {}
         self.versions: dict[int | None, str] = {}
         self._lock = threading.Lock()
 
     @classmethod
-    def for_batch(cls, pipeline: Pipeline) -> LabelStudioBackend:
+    def for_batch(cls, engine: Engine) -> LabelStudioBackend:
         """For batch runs outside the server (`prelabel annotate`, Ray actors): no webhook store."""
-        return cls(pipeline, ImageLoader(pipeline.settings), None, Metrics())
+        return cls(engine, LabelStudioImageSource(engine.settings), None, Metrics())
 
     # -- /setup, /versions --------------------------------------------------------------------------------------
     def setup(self, req: SetupRequest) -> dict:
@@ -129,7 +128,7 @@ class LabelStudioBackend:
         if req.hostname and not self.loader.label_studio_url:
             self.loader.configure_label_studio(req.hostname, req.access_token)
             log.info("images relative to Label Studio resolve against %s (from /setup)", req.hostname)
-        version = self.pipeline.model_version(self.pipeline.ontology())
+        version = self.engine.model_version(self.engine.ontology())
         if req.label_config:
             config = parse_config(req.label_config)
             version = self.version_for(config, self.ontology_for(config))
@@ -142,21 +141,21 @@ class LabelStudioBackend:
     def known_versions(self) -> dict:
         with self._lock:
             versions = set(self.versions.values())
-        return {"versions": sorted(versions) or [self.pipeline.model_version(self.pipeline.ontology())]}
+        return {"versions": sorted(versions) or [self.engine.model_version(self.engine.ontology())]}
 
     def ontology_for(self, config: ProjectConfig) -> Ontology:
-        return config.ontology(self.pipeline.prompts, self.settings.max_detections)
+        return config.ontology(self.engine.prompts, self.settings.max_detections)
 
     def classifications_for(self, config: ProjectConfig) -> dict[str, Classification]:
         """Per Choices control, what to classify into; a ConfigError when Choices meet a server without classifier."""
         if not config.choices:
             return {}
-        self.pipeline.require_classifier(f"the label config's <Choices name={config.choices[0].from_name!r}>")
-        return config.classifications(self.pipeline.prompts)
+        self.engine.require_classifier(f"the label config's <Choices name={config.choices[0].from_name!r}>")
+        return config.classifications(self.engine.prompts)
 
     def version_for(self, config: ProjectConfig, ontology: Ontology) -> str:
         """Model ids + digests of the prompts and templates (never of text filled from task data)."""
-        return self.pipeline.model_version(ontology, list(self.classifications_for(config).values()))
+        return self.engine.model_version(ontology, list(self.classifications_for(config).values()))
 
     # -- /predict -----------------------------------------------------------------------------------------------
     def prepare(self, req: PredictRequest) -> PreparedPredict:
@@ -182,12 +181,12 @@ class LabelStudioBackend:
             return {"results": [self.interactive_task(p)]}
         return {"results": self.predict_tasks(p.tasks, p.config, p.ontology, p.version)}
 
-    def interactive_task(self, p: PreparedPredict, image: LoadedImage | None = None) -> dict:
+    def interactive_task(self, p: PreparedPredict, image: MediaItem | None = None) -> dict:
         """The one interactive result; errors name the task, as batch errors do."""
         with self._named(p.tasks[0]):
             return self.interactive(p.tasks[0], p.config, p.ontology, p.context, p.version, image)
 
-    def interactive_image(self, p: PreparedPredict) -> LoadedImage:
+    def interactive_image(self, p: PreparedPredict) -> MediaItem:
         """Fetches the interactive task's image (so that a model worker need not wait on the network)."""
         with self._named(p.tasks[0]):
             tid, data, key = self._interactive_source(p.tasks[0], p.config, p.context)
@@ -223,10 +222,23 @@ class LabelStudioBackend:
                 entries[i] = task_error(task.get("id") if isinstance(task, dict) else None, exc)
         loaded = self.loader.load_many(refs)
         for (i, _), img in zip(units, loaded):
-            if not isinstance(img, LoadedImage) and entries[i] is None:
+            if not isinstance(img, MediaItem) and entries[i] is None:
                 entries[i] = task_error(tasks[i].get("id"), img)
         images = [(i, key, img) for (i, key), img in zip(units, loaded) if entries[i] is None]
         return LoadedTasks(tasks, entries, images)
+
+    def spec_for(self, config: ProjectConfig, ontology: Ontology, key: str) -> RequestSpec:
+        """What the config asks of the image at task data `key`: its region controls' labels (and masks for brush
+        and polygon controls), and its Choices, per region where `perRegion` says so."""
+        regions = [c for c in config.controls if c.data_key == key]
+        classifications = self.classifications_for(config)
+        classify = []
+        for control in (c for c in config.choices if c.data_key == key):
+            labels = None
+            if control.per_region:
+                labels = frozenset(label for c in regions for label in c.labels if control.applies_to(c, label))
+            classify.append(ClassifyRequest(control.from_name, classifications[control.from_name], labels))
+        return RequestSpec(ontology if regions else None, tuple(classify), config.needs_masks and bool(regions))
 
     def infer(
         self,
@@ -234,124 +246,46 @@ class LabelStudioBackend:
         config: ProjectConfig,
         ontology: Ontology,
         version: str,
-        on_image: Callable[[int, str, LoadedImage, sv.Detections], None] | None = None,
+        on_image: Callable[[int, str, MediaItem, sv.Detections], None] | None = None,
     ) -> list[dict]:
-        """Batched detector passes over the loaded images (one per distinct set of prompts: one unless prompts name
-        task data fields), then one classifier batch for every whole image and region crop that Choices ask for,
-        then masks and Label Studio results one image at a time. `on_image(task index, data key, image, detections)`
-        sees each image's detections (masks included) before they are dropped. Exactly one entry per task: a
-        prediction or `{"task", "error"}`."""
+        """The engine over the loaded images (one call per image key of the config: one unless the config labels
+        several images per task), then Label Studio results one image at a time. `on_image(task index, data key,
+        image, detections)` sees each image's detections (masks included) before they are dropped. Exactly one
+        entry per task: a prediction or `{"task", "error"}`."""
         tasks, entries = batch.tasks, list(batch.entries)
         self.metrics.batch(len(batch.images))
-        classifications = self.classifications_for(config)
-        ontologies, filled = self._fill(batch, entries, ontology, classifications)
-        images = [(i, key, img) for i, key, img in batch.images if entries[i] is None]
-        detections = self._detect(images, config, ontologies)
-        choice_scores = self._classify(images, config, detections, filled)
-        region_keys = config.region_keys
-        for n, ((i, key, img), det) in enumerate(zip(images, detections)):
-            if config.needs_masks and key in region_keys:  # one image's full-size masks at a time, converted and dropped
-                self.pipeline.add_masks(img.array, det)
-            if on_image is not None:
-                on_image(i, key, img, det)
+        by_key: dict[str, list[tuple[int, MediaItem]]] = {}
+        for i, key, img in batch.images:
+            if entries[i] is None:
+                by_key.setdefault(key, []).append((i, replace(img, fields=tasks[i].get("data"))))
+        for key, images in by_key.items():
             controls = [c for c in config.controls if c.data_key == key]
-            entry = entries[i] or {"result": [], "score": 1.0, "model_version": version}
-            scores = choice_scores.get(n, [])
-            per_region = [s for s in scores if s.control.per_region]
-            entry["result"] += detections_to_results(det, controls, img.width, img.height, per_region)
-            for s in scores:
-                if not s.control.per_region and (result := choices_result(s, 0, img.width, img.height)):
-                    entry["result"].append(result)
-                entry["score"] = min(entry["score"], choices_score(s))
-            if key in region_keys and ontology.labels:
-                entry["score"] = min(entry["score"], task_score(det, ontologies[i]))
-            entries[i] = entry
+            choices = {c.from_name: c for c in config.choices}
+            results = self.engine.iter_run([img for _, img in images], self.spec_for(config, ontology, key))
+            for (i, img), result in zip(images, results):
+                if entries[i] is not None and "error" in entries[i]:
+                    continue
+                if result.error is not None:
+                    entries[i] = task_error(tasks[i].get("id"), result.error)
+                    continue
+                if on_image is not None:
+                    on_image(i, key, img, result.detections)
+                scores = [ChoiceScores(choices[c.request.name], c.classification, c.probs, c.chosen)
+                          for c in result.classes if c.probs.size]
+                entry = entries[i] or {"result": [], "score": 1.0, "model_version": version}
+                per_region = [s for s in scores if s.control.per_region]
+                entry["result"] += detections_to_results(result.detections, controls, img.width, img.height, per_region)
+                for s in scores:
+                    if not s.control.per_region and (choice := choices_result(s, 0, img.width, img.height)):
+                        entry["result"].append(choice)
+                entry["score"] = min(entry["score"], result.score)
+                entries[i] = entry
         failed = [e for e in entries if e and "error" in e]
         for e in failed:
             self.metrics.error(e["error"]["kind"])
             log.warning("%s", e["error"]["message"])
         self.metrics.count("tasks_predicted", len(tasks) - len(failed))
         return entries
-
-    @staticmethod
-    def _fill(
-        batch: LoadedTasks, entries: list, ontology: Ontology, classifications: dict[str, Classification]
-    ) -> tuple[dict[int, Ontology], dict[int, dict[str, Classification]]]:
-        """Per task, the ontology and classifications with `{field}`s filled from its data; a task whose data
-        lacks a field gets its error entry (naming the task and the field) and the others go on."""
-        ontologies, filled = {}, {}
-        for i in dict.fromkeys(i for i, _, _ in batch.images):
-            task = batch.tasks[i]
-            data = task.get("data") if isinstance(task, dict) else None
-            try:
-                ontologies[i] = ontology.fill(data)
-                filled[i] = {name: c.fill(data) for name, c in classifications.items()}
-            except PrelabelError as exc:
-                entries[i] = task_error(task.get("id") if isinstance(task, dict) else None, exc)
-        return ontologies, filled
-
-    def _detect(self, images: list, config: ProjectConfig, ontologies: dict[int, Ontology]) -> list[sv.Detections]:
-        """Detections per image; images no region control labels (Choices only) never reach the detector."""
-        out = [sv.Detections.empty() for _ in images]
-        region_keys = config.region_keys
-        groups: dict[Ontology, list[int]] = {}
-        for n, (i, key, _) in enumerate(images):
-            if key in region_keys and ontologies[i].labels:
-                groups.setdefault(ontologies[i], []).append(n)
-        for onto, members in groups.items():
-            for n, det in zip(members, self.pipeline.detect([images[n][2].array for n in members], onto)):
-                out[n] = det
-        return out
-
-    def _classify(
-        self, images: list, config: ProjectConfig, detections: list[sv.Detections], filled: dict
-    ) -> dict[int, list[ChoiceScores]]:
-        """Every whole image and region crop the Choices controls ask for, embedded in one classifier batch, then
-        scored against each task's (cached) choice embeddings. Keys: positions in `images`."""
-        if not config.choices:
-            return {}
-        parts: dict[tuple, tuple[int, int]] = {}  # (image position, rows or None) -> (start, count) in the batch
-        crops: list[tuple[int, list[int] | None]] = []
-        wanted = []  # (image position, control, rows or None)
-        for n, (_, key, _) in enumerate(images):
-            det = detections[n]
-            names = [str(x) for x in det.data.get("class_name", [])]
-            for control in (c for c in config.choices if c.data_key == key):
-                rows = None
-                if control.per_region:
-                    regions = [c for c in config.controls if c.data_key == key]
-                    rows = [r for r, label in enumerate(names)
-                            if any(label in c.labels and control.applies_to(c, label) for c in regions)]
-                    if not rows:
-                        continue
-                part = (n, None if rows is None else tuple(rows))
-                if part not in parts:
-                    start = sum(count for _, count in parts.values())
-                    parts[part] = (start, 1 if rows is None else len(rows))
-                    crops.append((n, rows))
-                wanted.append((n, control, rows))
-        if not wanted:
-            return {}
-        arrays = [images[n][2].array for n, _ in crops]
-        boxes = [None if rows is None else detections[n].xyxy[rows] for n, rows in crops]
-        embeddings = self.pipeline.embed_crops(arrays, boxes)
-        self.metrics.count("classified_crops", len(embeddings))
-        classifier = self.pipeline.require_classifier()
-        out: dict[int, list[ChoiceScores]] = {}
-        for n, control, rows in wanted:
-            start, count = parts[(n, None if rows is None else tuple(rows))]
-            classification = filled[images[n][0]][control.from_name]
-            probs = classifier.probabilities(embeddings[start : start + count], classification)
-            chosen = classifier.decide(probs, classification)
-            if rows is not None:  # rows of the result are the image's detections
-                full = np.zeros((len(detections[n]), len(classification.choices)), np.float32)
-                picks: list[list[int]] = [[] for _ in range(len(detections[n]))]
-                full[rows] = probs
-                for k, r in enumerate(rows):
-                    picks[r] = chosen[k]
-                probs, chosen = full, picks
-            out.setdefault(n, []).append(ChoiceScores(control, classification, probs, chosen))
-        return out
 
     @staticmethod
     def _task_fields(task: Any) -> tuple[int | None, dict]:
@@ -381,7 +315,7 @@ class LabelStudioBackend:
         return tid, data, key
 
     def interactive(
-        self, task: Any, config: ProjectConfig, ontology: Ontology, context: dict, version: str, image: LoadedImage | None = None
+        self, task: Any, config: ProjectConfig, ontology: Ontology, context: dict, version: str, image: MediaItem | None = None
     ) -> dict:
         regions = [r for r in context.get("result", []) if isinstance(r, dict)]
         tid, data, key = self._interactive_source(task, config, context)
@@ -392,7 +326,7 @@ class LabelStudioBackend:
             return self._text_prompt(image, texts[0], config, ontology, key, version)
         return self._click(image, regions, config, to_name, version)
 
-    def _click(self, image: LoadedImage, regions: list[dict], config: ProjectConfig, to_name: str, version: str) -> dict:
+    def _click(self, image: MediaItem, regions: list[dict], config: ProjectConfig, to_name: str, version: str) -> dict:
         control = config.mask_control(to_name)
         if control is None:
             raise ConfigError("smart keypoints and rectangles need a BrushLabels or PolygonLabels control for the mask")
@@ -416,7 +350,7 @@ class LabelStudioBackend:
         label = label or (control.labels[0] if len(control.labels) == 1 else None)
         if label not in control.labels:
             raise RequestError(f"label {label!r} is not a label of <{control.type} name={control.from_name!r}>: {list(control.labels)}")
-        mask, score = self.pipeline.segment_interactive(
+        mask, score = self.engine.segment(
             image.array,
             np.array(points) if points else None,
             np.array(labels) if labels else None,
@@ -427,17 +361,20 @@ class LabelStudioBackend:
         self.metrics.count("interactive_masks")
         return {"result": detections_to_results(det, [control], w, h), "score": round(score, 6), "model_version": version}
 
-    def _text_prompt(self, image: LoadedImage, region: dict, config: ProjectConfig, ontology: Ontology, key: str, version: str) -> dict:
+    def _text_prompt(self, image: MediaItem, region: dict, config: ProjectConfig, ontology: Ontology, key: str, version: str) -> dict:
         text = " ".join(str(t) for t in (region.get("value") or {}).get("text", [])).strip()
         if not text:
             raise RequestError("the TextArea prompt is empty")
         spec = self._label_for_text(text, config, ontology)
         prompt = normalize_prompt(text.split(":", 1)[1] if ":" in text and self._names(config, text) else text)
         one = Ontology((LabelSpec(spec.name, (prompt,), spec.threshold),), ontology.text_threshold, ontology.nms_iou, ontology.max_detections)
-        det = self.pipeline.detect([image.array], one, masks=config.needs_masks)[0]
+        result = self.engine.run([replace(image, fields=None)], RequestSpec(one, masks=config.needs_masks))[0]
+        if result.error is not None:
+            raise result.error
         controls = [c for c in config.controls if c.data_key == key]
         self.metrics.count("text_prompts")
-        return {"result": detections_to_results(det, controls, image.width, image.height), "score": task_score(det, one), "model_version": version}
+        return {"result": detections_to_results(result.detections, controls, image.width, image.height),
+                "score": result.score, "model_version": version}
 
     @staticmethod
     def _names(config: ProjectConfig, text: str) -> str | None:

@@ -27,17 +27,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from ..errors import (
     ConfigError,
-    InferenceError,
     OverloadedError,
     PrelabelError,
     RequestError,
     RequestTooLargeError,
     describe_validation,
 )
-from ..images import ImageLoader
+from .images import LabelStudioImageSource
 from ..jobs import DistillJob
 from ..metrics import Metrics, prometheus
-from ..pipeline import Pipeline
+from ..engine import Engine
 from .backend import (
     LabelStudioBackend,
     LoadedTasks,
@@ -47,7 +46,6 @@ from .backend import (
     WebhookRequest,
     is_interactive,
     project_id,
-    task_error,
 )
 from .store import EventStore
 
@@ -254,26 +252,8 @@ class InferenceWorker:
                 piece.job.waiter.done(piece.job.entries)
 
     def _infer(self, batch: LoadedTasks, args: tuple) -> list[dict]:
-        """The whole batch in one model pass; if the model fails, task by task, so that only the task whose image
-        breaks it gets an error entry."""
-        try:
-            return self.backend.infer(batch, *args)
-        except PrelabelError:
-            raise
-        except Exception as exc:
-            if len(batch.tasks) == 1:
-                task = batch.tasks[0]
-                tid = task.get("id") if isinstance(task, dict) else None
-                log.exception("model failed on task %s", tid)
-                self.metrics.error(InferenceError.kind)
-                error = InferenceError(f"the model failed on this task's image: {type(exc).__name__}: {exc}")
-                return [batch.entries[0] or task_error(tid, error)]
-        log.warning("model failed on a batch of %d tasks; retrying them one by one", len(batch.tasks))
-        singles = [
-            LoadedTasks([task], [batch.entries[i]], [(0, k, img) for j, k, img in batch.images if j == i])
-            for i, task in enumerate(batch.tasks)
-        ]
-        return [entry for single in singles for entry in self._infer(single, args)]
+        """The whole batch in one model pass (the engine isolates a model failure to the image that causes it)."""
+        return self.backend.infer(batch, *args)
 
 
 class BodyLimit:
@@ -317,12 +297,12 @@ class BodyLimit:
             await self._reply()(scope, receive, send)
 
 
-def create_app(pipeline: Pipeline, loader: ImageLoader | None = None, store: EventStore | None = None) -> FastAPI:
-    settings = pipeline.settings
+def create_app(engine: Engine, loader: LabelStudioImageSource | None = None, store: EventStore | None = None) -> FastAPI:
+    settings = engine.settings
     metrics = Metrics()
-    loader = loader or ImageLoader(settings)
+    loader = loader or LabelStudioImageSource(settings)
     store = store or EventStore(settings.model_dir / "events.sqlite3")
-    backend = LabelStudioBackend(pipeline, loader, store, metrics)
+    backend = LabelStudioBackend(engine, loader, store, metrics)
     worker = InferenceWorker(backend, metrics, settings.batch_size, settings.batch_wait_ms / 1000)
     admitted = {"batch": 0, "interactive": 0}  # requests in flight per lane (touched on the event loop only)
     training = DistillJob(settings.model_dir / "students", settings.distill_args)
@@ -391,9 +371,9 @@ def create_app(pipeline: Pipeline, loader: ImageLoader | None = None, store: Eve
         return {
             "status": "UP",
             "model_class": "prelabel",
-            "detector": pipeline.detector.model_id,
-            "segmenter": pipeline.segmenter.model_id if pipeline.segmenter else None,
-            "classifier": pipeline.classifier.model_id if pipeline.classifier else None,
+            "detector": engine.detector.model_id,
+            "segmenter": engine.segmenter.model_id if engine.segmenter else None,
+            "classifier": engine.classifier.model_id if engine.classifier else None,
         }
 
     @app.get("/metrics", responses={200: {"content": {"text/plain": {}}}})
@@ -401,8 +381,8 @@ def create_app(pipeline: Pipeline, loader: ImageLoader | None = None, store: Eve
         """JSON by default; `?format=prometheus` for Prometheus' text format."""
         snapshot = metrics.snapshot()
         snapshot["queue"] = {"admitted": dict(admitted), "capacity": settings.queue_size, "waiting": worker.depth()}
-        if pipeline.segmenter is not None:
-            cache = pipeline.segmenter.cache_info()
+        if engine.segmenter is not None:
+            cache = engine.segmenter.cache_info()
             lookups = cache.get("hits", 0) + cache.get("misses", 0)
             snapshot["embedding_cache"] = cache | {"hit_rate": round(cache.get("hits", 0) / lookups, 4) if lookups else 0.0}
         snapshot["webhook_events"] = store.counts()
