@@ -1,6 +1,7 @@
-"""Distillation as a background job of a server (Label Studio's START_TRAINING): `prelabel distill --project`
-in a child process, one at a time, its state readable for /metrics while it runs and after it ends. In the core,
-so that an adapter's server can start it without importing another adapter; the run reports through `STATE_FILE`."""
+"""Distillation as a background job of a server (Label Studio's START_TRAINING): a training command given by the
+server (`prelabel distill`) in a child process, one at a time, its state readable for /metrics while it runs and
+after it ends. In the core, so that an adapter's server can start it without importing another adapter; the run
+reports through `STATE_FILE`."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import logging
 import os
 import shlex
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,12 +26,13 @@ class JobBusyError(PrelabelError):
 
 
 class DistillJob:
-    """Starts `prelabel distill --project ID --out ROOT/project-ID-<time> ARGS...` with the Label Studio address
-    and key in its environment (never on its command line); `status()` merges the job's own state with the run's
-    `state.json` (phase, epoch, loss, validation mAP)."""
+    """Starts `COMMAND --project ID --out ROOT/project-ID-<time> ARGS...` (the server's command, e.g. `prelabel
+    distill`) with the Label Studio address and key in its environment (never on its command line); `status()`
+    merges the job's own state with the run's `state.json` (phase, epoch, loss, validation mAP)."""
 
-    def __init__(self, root: Path, extra_args: str = ""):
+    def __init__(self, root: Path, command: list[str], extra_args: str = ""):
         self.root = Path(root)
+        self.command = list(command)
         self.extra_args = shlex.split(extra_args)
         self._lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
@@ -44,8 +45,7 @@ class DistillJob:
                                    f"{time.strftime('%H:%M:%S', time.localtime(self._info['started']))}); one at a time")
             out = self.root / f"project-{project}-{time.strftime('%Y%m%d-%H%M%S')}"
             out.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "ml_backend.cli", "distill", "--project", str(project), "--out", str(out),
-                   *self.extra_args]
+            cmd = [*self.command, "--project", str(project), "--out", str(out), *self.extra_args]
             env = os.environ | {"LABEL_STUDIO_URL": url, "LABEL_STUDIO_API_KEY": api_key}
             log_file = open(out / "distill.log", "wb")  # noqa: SIM115 - the child writes it; closed when it ends
             self._proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env,

@@ -29,7 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import PromptsError, describe_validation
 from .evaluation import CocoResult, best_f1_threshold, coco_evaluate, pr_curve
-from .images import ImageLoader, record_image
+from .engine import Engine, RequestSpec
+from .media import ImageSource, MediaItem, record_image
 from .ontology import LabelSpec, Ontology, PromptsFile, normalize_prompt
 from .settings import Settings
 from .types import LabeledImage, make_detections
@@ -305,7 +306,7 @@ class Workbench:
     to the registry and `model_key` above; models are built only when something is not cached."""
 
     def __init__(self, records: list[LabeledImage], cache: PredictionCache, settings: Settings | None = None,
-                 loader: ImageLoader | None = None, params: DetectParams | None = None,
+                 loader: ImageSource | None = None, params: DetectParams | None = None,
                  build_detector: Callable[[str], object] | None = None, key_of: Callable[[str], str] | None = None,
                  progress: bool = True):
         self.settings = settings or Settings()
@@ -348,6 +349,15 @@ class Workbench:
             self._detectors[ref] = self._build(ref)
         return self._detectors[ref]
 
+    def detect(self, ref: str, items: list[MediaItem], ontology: Ontology) -> list[sv.Detections]:
+        """The engine with detector `ref` on `items`; an image the model fails on is an error naming it."""
+        engine = Engine(self.detector(ref), None, PromptsFile(), self.settings)
+        results = engine.run(items, RequestSpec(ontology))
+        for result in results:
+            if result.error is not None:
+                raise type(result.error)(f"{ref}: {result.error}")
+        return [r.detections for r in results]
+
     def predict(self, models: list[str], jobs: list[tuple[str, tuple[str, ...]]]
                 ) -> dict[tuple[str, str, tuple[str, ...]], list[sv.Detections]]:
         """(model, label, prompts) -> one Detections per record, in the record's pixel space; runs what the cache
@@ -374,8 +384,8 @@ class Workbench:
                         missing = [i for i, f in enumerate(found) if f is None]
                         self.cached += len(chunk) - len(missing)
                         if missing:
-                            detections = self.detector(ref).detect([arrays[i] for i in missing],
-                                                                   self.params.ontology(label, prompts))
+                            detections = self.detect(ref, [MediaItem(arrays[i], chunk[i].image) for i in missing],
+                                                     self.params.ontology(label, prompts))
                             self.calls += 1
                             self.computed += len(missing)
                             for i, d in zip(missing, detections):
@@ -575,7 +585,7 @@ def print_workbench(report: WorkbenchReport, console=None) -> None:
 
 
 def evaluate_prompts(records: list[LabeledImage], candidates_path: Path, out: Path, settings: Settings,
-                     models: str | None = None, cache_dir: Path | None = None, loader: ImageLoader | None = None,
+                     models: str | None = None, cache_dir: Path | None = None, loader: ImageSource | None = None,
                      params: DetectParams | None = None, synonyms: int = 0, progress: bool = True,
                      build_detector: Callable[[str], object] | None = None) -> WorkbenchReport:
     """What `prelabel prompts eval` does: load and check the candidates, run them (cached under `cache_dir`, default

@@ -3,13 +3,15 @@ serving the images as local files."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 from label_studio_sdk.client import LabelStudio
 
 from ml_backend.engines.ray_engine import ray_engine
-from ml_backend.labelstudio.annotate import annotate_project
+from ml_backend.labelstudio.annotate import TaskPredictor, annotate_project
 from ml_backend.labelstudio.backend import LabelStudioBackend
-from ml_backend.pipeline import Pipeline
+from ml_backend.engine import Engine
 from ml_backend.settings import Settings
 
 from .conftest import LEGACY_TOKEN, encode, make_image
@@ -49,8 +51,8 @@ def test_ray_engine_predicts_each_task_once_and_reports_failures(local_ray, labe
 
     settings = Settings(detector=str(tiny_models["detector"]), segmenter="", label_studio_url=label_studio,
                         label_studio_api_key=LEGACY_TOKEN, model_dir=tmp_path / "model-dir")
-    backend = LabelStudioBackend.for_batch(Pipeline.from_settings(settings))
-    engine = ray_engine(settings, actors=2, cpus_per_actor=1)
+    backend = LabelStudioBackend.for_batch(Engine.from_settings(settings))
+    engine = ray_engine(partial(TaskPredictor, settings), actors=2, cpus_per_actor=1)
 
     report = annotate_project(client, project.id, backend, batch_size=3, engine=engine)
     assert (report.total, report.done, report.interrupted) == (GOOD + 1, GOOD, False)

@@ -1,5 +1,7 @@
-"""`prelabel annotate --engine ray`: a project's batches run on a pool of Ray actors (models loaded once per actor,
-on this machine or a Ray cluster) through Ray Data; this process pushes their results to Label Studio as they come."""
+"""Batches of tasks on a pool of Ray actors (models loaded once per actor, on this machine or a Ray cluster) through
+Ray Data; this process sinks their results as they come (`prelabel annotate --engine ray` pushes them to Label
+Studio). Neutral: what an actor runs is a `BatchPredictor` its adapter provides (e.g. the Label Studio adapter's,
+which calls the engine); tasks and entries travel as JSON."""
 
 from __future__ import annotations
 
@@ -8,19 +10,15 @@ import logging
 import math
 import os
 import time
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
 from ..errors import ConfigError, PrelabelError
-from ..labelstudio.backend import LabelStudioBackend
-from ..labelstudio.config import parse_config
-from ..engine import Engine
 from ..runner import Report, progress_bar
-from ..settings import Settings
 
 Sink = Callable[[list[dict], list[dict]], None]
-Engine = Callable[[list[dict], str, Sink, Report], Report]
+RunBatches = Callable[[list[dict], Any, Sink, Report], Report]
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "MODEL_DIR")  # what workers need to find the same weights offline
 # Ray's console notices that would interleave with our progress bar: token-auth default, execution start/finish,
 # "progress bars disabled"
@@ -35,37 +33,43 @@ class RayEngineError(PrelabelError):
     kind = "ray"
 
 
-class Predictor:
-    """One Ray actor: builds the pipeline once, then predicts batches of tasks (`id`, `data` as JSON)."""
+class BatchPredictor(Protocol):
+    """Built once per actor from the run's request (e.g. a label config); one entry per task (`id`, `data`)."""
 
-    def __init__(self, settings: Settings, config_xml: str, threads: int):
+    version: str
+
+    def __call__(self, tasks: list[dict]) -> list[dict]: ...
+
+
+class Predictor:
+    """One Ray actor: builds its `BatchPredictor` once (models load here), then predicts batches of tasks."""
+
+    def __init__(self, make_predictor: Callable[[Any], BatchPredictor], request: Any, threads: int):
         import torch
 
         torch.set_num_threads(threads)
-        self.backend = LabelStudioBackend.for_batch(Engine.from_settings(settings))
-        self.config = parse_config(config_xml)
-        self.ontology = self.backend.ontology_for(self.config)
-        self.version = self.backend.version_for(self.config, self.ontology)
+        self.predict = make_predictor(request)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         tasks = [{"id": int(i), "data": json.loads(d)} for i, d in zip(batch["id"], batch["data"])]
-        entries = self.backend.predict_tasks(tasks, self.config, self.ontology, self.version)
+        entries = self.predict(tasks)
         return {
             "id": batch["id"],
             "entry": np.array([json.dumps(e) for e in entries], dtype=object),
-            "version": np.array([self.version] * len(tasks), dtype=object),
+            "version": np.array([self.predict.version] * len(tasks), dtype=object),
         }
 
 
 def ray_engine(
-    settings: Settings,
+    make_predictor: Callable[[Any], BatchPredictor],
     actors: int = 1,
     cpus_per_actor: float = 1,
     gpus_per_actor: float = 0,
     address: str | None = None,
     batch_size: int = 4,
-) -> Engine:
-    """An `engine(todo, config_xml, sink, report)` for `annotate_project`: `actors` Ray actors with `cpus_per_actor`
+) -> RunBatches:
+    """A `run(todo, request, sink, report)` (e.g. for `annotate_project`): `actors` Ray actors, each running
+    `make_predictor(request)` (picklable, e.g. a `functools.partial` of a class), with `cpus_per_actor`
     CPUs (torch threads) and `gpus_per_actor` GPUs each, `batch_size` tasks per call. Runs on the Ray already
     initialised in this process, else on the cluster at `address` (`auto`, `HEAD:6379`, `ray://HEAD:10001`), else on a
     local Ray started for the run (and shut down after it)."""
@@ -79,13 +83,13 @@ def ray_engine(
                           f"({cpus_per_actor}) > 0 and GPUs per actor ({gpus_per_actor}) >= 0")
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
 
-    def run(todo: list[dict], config_xml: str, sink: Sink, report: Report) -> None:
+    def run(todo: list[dict], request: Any, sink: Sink, report: Report) -> None:
         by_id = {task["id"]: task for task in todo}
         rows = [{"id": task["id"], "data": json.dumps(task["data"])} for task in todo]  # JSON: Arrow keeps it as is
         blocks = math.ceil(len(rows) / batch_size)  # one block per actor call
         results = ray.data.from_items(rows, override_num_blocks=blocks).map_batches(
             Predictor,
-            fn_constructor_args=(settings, config_xml, max(1, int(cpus_per_actor))),
+            fn_constructor_args=(make_predictor, request, max(1, int(cpus_per_actor))),
             batch_size=batch_size,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=min(actors, blocks)),  # no idle actors
@@ -113,7 +117,7 @@ def ray_engine(
             finally:
                 batches.close()  # stops the execution, and the actors' work still in flight
 
-    def engine(todo: list[dict], config_xml: str, sink: Sink, report: Report) -> Report:
+    def engine(todo: list[dict], request: Any, sink: Sink, report: Report) -> Report:
         if not todo:
             return report
         started = time.perf_counter()
@@ -130,7 +134,7 @@ def ray_engine(
         context.enable_progress_bars = False
         context.print_on_execution_start = False
         try:
-            run(todo, config_xml, sink, report)
+            run(todo, request, sink, report)
         except KeyboardInterrupt:
             report.interrupted = True
         except ray.exceptions.RayError as exc:  # e.g. an actor that could not load its models

@@ -13,6 +13,7 @@ import binascii
 import json
 import logging
 import secrets
+import sys
 import threading
 import time
 from collections import deque
@@ -51,6 +52,7 @@ from .store import EventStore
 
 log = logging.getLogger(__name__)
 RETRY_AFTER_S = 1
+DISTILL_COMMAND = [sys.executable, "-m", "ml_backend.cli", "distill"]  # what START_TRAINING runs (`prelabel distill`)
 
 
 def error_body(kind: str, message: str) -> dict:
@@ -305,7 +307,7 @@ def create_app(engine: Engine, loader: LabelStudioImageSource | None = None, sto
     backend = LabelStudioBackend(engine, loader, store, metrics)
     worker = InferenceWorker(backend, metrics, settings.batch_size, settings.batch_wait_ms / 1000)
     admitted = {"batch": 0, "interactive": 0}  # requests in flight per lane (touched on the event loop only)
-    training = DistillJob(settings.model_dir / "students", settings.distill_args)
+    training = DistillJob(settings.model_dir / "students", DISTILL_COMMAND, settings.distill_args)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
