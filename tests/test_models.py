@@ -33,6 +33,10 @@ def test_tiny_models_cli_writes_loadable_models_offline(tmp_path):
     assert (tmp_path / "detector" / "tokenizer.json").exists()
     assert detector.detect(images()[:1], PromptsFile().ontology(["car"]))[0].xyxy.shape[1] == 4
     assert segmenter.segment(images()[0], boxes=np.array([[0, 0, 50, 50]]))[0].shape == (1, 90, 160)
+    from ml_backend.models.registry import tiny_kinds
+
+    for kind in tiny_kinds():  # and one of every registered kind, as its family loads it
+        assert (tmp_path / kind).is_dir() and f"{kind}: " in done.stdout, kind
 
 
 def test_mm_grounding_dino_loads_and_detects(tmp_path):
@@ -193,9 +197,9 @@ def test_query_chunked_deformable_attention_matches_transformers(tiny_models):
 
 
 def test_a_pipeline_known_by_model_ids_only_versions_like_the_loaded_one(base_pipeline):
-    from ml_backend.pipeline import Pipeline
+    from ml_backend.engine import Engine
 
-    ids_only = Pipeline.from_settings(base_pipeline.settings, load=False)
+    ids_only = Engine.from_settings(base_pipeline.settings, load=False)
     assert ids_only.detector.model_id == base_pipeline.detector.model_id
     assert ids_only.segmenter.model_id == base_pipeline.segmenter.model_id
     ontology = base_pipeline.ontology(["Car", "Person"])

@@ -100,7 +100,7 @@ def write_tiny_clip(out: Path, seed: int = 0) -> Path:
     return write_tiny_classifier(out, seed, family="clip")
 
 
-def clip_tokenizer(max_length: int = 16):
+def clip_tokenizer(max_length: int = 32):
     """A character-level CLIP BPE tokenizer (no merges); end-of-text has the largest id, as CLIP's pooling needs,
     and start-of-text a non-zero one, as OWL's query mask needs."""
     from transformers import CLIPTokenizer
@@ -122,12 +122,17 @@ def write_tiny_owl(out: Path, seed: int = 0, family: str = "owlv2") -> Path:
     config_class, model_class, image_processor_class, processor_class = (getattr(tf, n) for n in classes[family])
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = clip_tokenizer()
+    tokenizer = clip_tokenizer(32)  # characters are tokens: room for prompts of up to 30 characters
     tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
-    text = tower | dict(vocab_size=len(tokenizer), max_position_embeddings=16, pad_token_id=0,
+    text = tower | dict(vocab_size=len(tokenizer), max_position_embeddings=32, pad_token_id=0,
                         bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1)
     config = config_class(text_config=text, vision_config=tower | dict(image_size=64, patch_size=8), projection_dim=16)
-    model_class(config).eval().save_pretrained(out)
+    model = model_class(config).eval()
+    with torch.no_grad():  # logits = cosine similarity (scores in sigmoid([-1, 1])) instead of random saturation
+        for layer in (model.class_head.logit_shift, model.class_head.logit_scale):
+            layer.weight.zero_()
+            layer.bias.zero_()
+    model.save_pretrained(out)
     size = {"height": 64, "width": 64}
     image_processor = image_processor_class(size=size, **({"crop_size": size} if family == "owlvit" else {}))
     processor_class(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
