@@ -632,12 +632,22 @@ def prompts_eval(
 
 
 @dev.command("tiny-models")
-def tiny_models(out_dir: Path = typer.Argument(..., help="Writes OUT_DIR/detector and OUT_DIR/segmenter.")):
-    """Write tiny randomly initialised models (offline) for tests and CI."""
-    from .models.tiny import write_tiny_models
+def tiny_models(
+    out_dir: Path = typer.Argument(..., help="Writes OUT_DIR/detector, OUT_DIR/segmenter and OUT_DIR/<kind>."),
+    kind: list[str] = typer.Option(None, "--kind", help="Only these kinds (repeatable); default: every registered one."),
+):
+    """Write tiny randomly initialised models (offline) for tests and CI: the default detector and segmenter, and one
+    of every registered model kind (grounding-dino, owlv2, sam, clip, student, ...)."""
+    from .models.tiny import write_tiny_kinds, write_tiny_models
 
-    for kind, path in write_tiny_models(out_dir).items():
-        typer.echo(f"{kind}: {path}")
+    try:
+        refs = write_tiny_kinds(out_dir, kind or None)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--kind") from None
+    if not kind:
+        refs = {**{k: str(p) for k, p in write_tiny_models(out_dir).items()}, **refs}
+    for name, ref in refs.items():
+        typer.echo(f"{name}: {ref}")
 
 
 if __name__ == "__main__":
