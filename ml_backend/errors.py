@@ -88,3 +88,16 @@ class InferenceError(PrelabelError):
 def describe_validation(errors: list[dict]) -> str:
     """pydantic's errors() as one line: `field.sub: message; ...`."""
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors)
+
+
+def validated(model, raw, error: type[PrelabelError], where: str, expected: str = "a mapping"):
+    """`model` validated from a parsed document `raw`; anything else, or a field that does not validate, raises
+    `error` naming `where` and the problem."""
+    from pydantic import ValidationError
+
+    if not isinstance(raw, dict):
+        raise error(f"{where} must be {expected}, got {type(raw).__name__}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise error(f"{where}: {describe_validation(exc.errors())}") from None

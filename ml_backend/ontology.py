@@ -22,9 +22,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .errors import PromptsError, RequestError, describe_validation
+from .errors import PrelabelError, PromptsError, RequestError, validated
 
 DEFAULT_TEMPLATES = ("a photo of a {}",)
 _FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$")
@@ -35,6 +35,18 @@ class PromptFieldError(RequestError):
     """A prompt names a task data field the task does not have (one task fails, the others are answered)."""
 
     kind = "prompt_field"
+
+
+def read_yaml(path: Path, error: type[PrelabelError], where: str):
+    """A YAML file's document; a missing, unreadable or invalid file raises `error` naming `where`."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{where} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"cannot read {where}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise error(f"{where} is not valid YAML: {exc}") from None
 
 
 def _parse_template(text: str) -> list[tuple[str, str | None]]:
@@ -219,19 +231,9 @@ class PromptsFile(BaseModel):
     def load(cls, path: str | Path | None) -> PromptsFile:
         if path is None:
             return cls()
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except FileNotFoundError:
-            raise PromptsError(f"prompts file {path} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise PromptsError(f"prompts file {path} is not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise PromptsError(f"prompts file {path} must be a mapping with a 'labels' key")
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as exc:
-            raise PromptsError(f"prompts file {path}: {describe_validation(exc.errors())}") from None
+        where = f"prompts file {path}"
+        return validated(cls, read_yaml(Path(path), PromptsError, where) or {}, PromptsError, where,
+                         "a mapping with a 'labels' key")
 
     def entry_for(self, label: str) -> LabelEntry | None:
         if label in self.labels:

@@ -25,13 +25,13 @@ from typing import Callable
 import numpy as np
 import supervision as sv
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .errors import PromptsError, describe_validation
+from .errors import PromptsError, validated
 from .evaluation import CocoResult, best_f1_threshold, coco_evaluate, pr_curve
 from .engine import Engine, RequestSpec
 from .media import ImageSource, MediaItem, record_image
-from .ontology import LabelSpec, Ontology, PromptsFile, normalize_prompt
+from .ontology import LabelSpec, Ontology, PromptsFile, normalize_prompt, read_yaml
 from .settings import Settings
 from .types import LabeledImage, make_detections
 
@@ -97,22 +97,12 @@ class CandidatesFile(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> CandidatesFile:
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CandidatesError(f"candidates file {path} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise CandidatesError(f"cannot read candidates file {path}: {exc}") from None
-        except yaml.YAMLError as exc:
-            raise CandidatesError(f"candidates file {path} is not valid YAML: {exc}") from None
+        where = f"candidates file {path}"
+        raw = read_yaml(Path(path), CandidatesError, where)
         if not isinstance(raw, dict) or "labels" not in raw:
-            raise CandidatesError(f"candidates file {path} must be a mapping with a 'labels' key "
-                                  f"(label: [prompt, ...]); see prompts/candidates.example.yaml")
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as exc:
-            raise CandidatesError(f"candidates file {path}: {describe_validation(exc.errors())}") from None
+            raise CandidatesError(f"{where} must be a mapping with a 'labels' key (label: [prompt, ...]); see "
+                                  f"prompts/candidates.example.yaml")
+        return validated(cls, raw, CandidatesError, where)
 
     def matched(self, truth_labels: list[str]) -> CandidatesFile:
         """The same candidates with label names spelled as in the ground truth (case-insensitively matched);

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from ..engine import ClassifyRequest, Engine, RequestSpec, model_refs
-from ..errors import ConfigError, ImageError, PrelabelError, RequestError, describe_validation
+from ..errors import ConfigError, ImageError, PrelabelError, RequestError, validated
 from ..media import MediaItem, decode_image
 from ..ontology import Classification, Ontology, PromptsFile
 from ..settings import Settings
@@ -60,10 +60,7 @@ def _parse(model: type[BaseModel], body: Any) -> Any:
             raise RequestError(f"the request body is not JSON: {exc}") from None
     if not isinstance(body, dict):
         raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
-    try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        raise RequestError(f"malformed request: {describe_validation(exc.errors())}") from None
+    return validated(model, body, RequestError, "malformed request")
 
 
 def decode_base64_image(text: str, max_pixels: int) -> MediaItem:
