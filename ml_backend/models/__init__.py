@@ -20,7 +20,7 @@ import torch
 
 from .base import Classifier, Detector, ImageEncoder, Segmenter
 from .loading import pick_device
-from .registry import CLASSIFIER, DETECTOR, EMBEDDER, SEGMENTER, Family, build, families, model_id, register
+from .registry import DETECTOR, EMBEDDER, SEGMENTER, Family, build, families, model_id, register
 
 __all__ = [
     "Classifier", "Detector", "Family", "ImageEncoder", "Segmenter", "UnloadedModel", "build_detector",
