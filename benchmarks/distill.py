@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ml_backend.distill.effort import measure_effort
-from ml_backend.distill.export import median_seconds
+from ml_backend.effort import measure_effort
+from ml_backend.distill.onnx_export import median_seconds
 from ml_backend.distill.run import DistillOptions, distill
 from ml_backend.distill.synthetic import SHAPES, generate
 from ml_backend.distill.train import TrainOptions

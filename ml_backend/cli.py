@@ -287,13 +287,7 @@ def rank(
 ):
     """Order a project's tasks hardest-first by prediction uncertainty; the Data Manager then sorts by it
     (column "Prediction score", ascending)."""
-    import json
-    from dataclasses import asdict
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from .labelstudio.annotate import rank_project
+    from .labelstudio.rank import print_ranking, rank_project, write_ranking
     from .ontology import PromptsFile
 
     with _failing():
@@ -302,14 +296,9 @@ def rank(
         thresholds = {s.name: s.threshold for s in prompts_file.ontology().labels}
         version, ranked = rank_project(client, project, settings.label_studio_url, model_version, thresholds,
                                        prompts_file.box_threshold)
-    table = Table(title=f"project {project}: {len(ranked)} tasks, hardest first ({version})")
-    for column in ("#", "task", "uncertainty", "boxes", "open"):
-        table.add_column(column)
-    for i, r in enumerate(ranked[:top], 1):
-        table.add_row(str(i), str(r.task), f"{r.uncertainty:.3f}", str(r.boxes), r.url)
-    Console(width=200).print(table)
+    print_ranking(project, version, ranked, top)
     if out is not None:
-        out.write_text(json.dumps({"model_version": version, "tasks": [asdict(r) for r in ranked]}, indent=2))
+        write_ranking(out, version, ranked)
         typer.echo(f"order written to {out}")
 
 
@@ -355,7 +344,8 @@ def review(
         settings = _settings(segmenter=_segmenter_flag(segmenter), detector=detector, device=device)
         loader, client = None, None
         if project is not None:
-            from .labelstudio.export import create_review_tab, project_records
+            from .labelstudio.records import project_records
+            from .labelstudio.views import create_review_tab
 
             ls_settings, client = _label_studio_client(url, api_key)
             settings = _settings(segmenter=_segmenter_flag(segmenter), detector=detector, device=device,
@@ -365,7 +355,7 @@ def review(
             loader = ImageLoader(settings)
             name = name or f"prelabel-project-{project}"
         elif cvat is not None and cvat.suffix.lower() == ".xml":
-            from .cvat.export import cvat_xml_records
+            from .cvat.records import cvat_xml_records
 
             records = cvat_xml_records(cvat, images)
         else:
@@ -425,8 +415,8 @@ def effort(
 
     from rich.console import Console
 
-    from .distill.effort import EffortError, EffortWeights, print_effort, records_effort
-    from .labelstudio.export import project_records
+    from .effort import EffortError, EffortWeights, print_effort, records_effort
+    from .labelstudio.records import project_records
 
     with _failing():
         weights = EffortWeights.parse(weight)
@@ -512,7 +502,7 @@ def _labelled_records(project, coco, images, predictions, url, api_key, model_ve
     if project is not None:
         from .labelstudio.annotate import open_project
         from .labelstudio.config import parse_config
-        from .labelstudio.export import project_records
+        from .labelstudio.records import project_records
 
         settings, client = _label_studio_client(url, api_key)
         labels = parse_config(open_project(client, project).label_config).labels
@@ -605,7 +595,7 @@ def prompts_eval(
     with _failing():
         settings = _settings(device=device, batch_size=batch_size)
         if project is not None:
-            from .labelstudio.export import project_records
+            from .labelstudio.records import project_records
 
             ls_settings, client = _label_studio_client(url, api_key)
             settings = _settings(device=device, batch_size=batch_size, label_studio_url=ls_settings.label_studio_url,

@@ -12,7 +12,8 @@ from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
 from ml_backend.cli import app
-from ml_backend.labelstudio.annotate import annotate_project, image_files, rank_project
+from ml_backend.labelstudio.annotate import annotate_project, image_files
+from ml_backend.labelstudio.rank import rank_project
 from ml_backend.labelstudio.backend import LabelStudioBackend
 from ml_backend.pipeline import Pipeline
 from ml_backend.settings import Settings

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from ml_backend.distill.effort import EditCounts, EffortError, EffortWeights, measure_effort, records_effort, task_edits
+from ml_backend.effort import EditCounts, EffortError, EffortWeights, measure_effort, records_effort, task_edits
 from ml_backend.types import LabeledImage, make_detections
 
 from .conftest import LEGACY_TOKEN

@@ -75,7 +75,8 @@ def test_a_label_studio_project_becomes_a_dataset_refreshed_without_duplicates(l
     from label_studio_sdk.client import LabelStudio
 
     from ml_backend.images import ImageLoader
-    from ml_backend.labelstudio.export import create_review_tab, project_records
+    from ml_backend.labelstudio.records import project_records
+    from ml_backend.labelstudio.views import create_review_tab
     from ml_backend.review import run_review
     from ml_backend.settings import Settings
 
@@ -151,7 +152,7 @@ def test_a_label_studio_project_becomes_a_dataset_refreshed_without_duplicates(l
 
 
 def test_a_label_studio_region_that_cannot_be_read_is_named_with_its_task_and_label():
-    from ml_backend.labelstudio.export import result_objects
+    from ml_backend.labelstudio.records import result_objects
 
     empty = np.zeros((10, 20), bool)
     brush = region("brushlabels", {"format": "rle", "rle": mask_to_rle(empty), "brushlabels": ["Car"]}, 20, 10)
@@ -246,7 +247,7 @@ def cvat_xml(path: Path) -> Path:
 def test_a_cvat_xml_export_with_boxes_polygons_and_masks_becomes_a_dataset(images, tmp_path):
     import fiftyone as fo
 
-    from ml_backend.cvat.export import cvat_xml_records
+    from ml_backend.cvat.records import cvat_xml_records
     from ml_backend.review import run_review
 
     records = cvat_xml_records(cvat_xml(tmp_path / "annotations.xml"), images, link_base="https://cvat.example/tasks/3")
@@ -268,7 +269,7 @@ def test_a_cvat_xml_export_with_boxes_polygons_and_masks_becomes_a_dataset(image
     ('rle="x"', "cannot read points"),
 ])
 def test_a_broken_cvat_mask_is_named_with_its_image_and_label(images, tmp_path, broken, problem):
-    from ml_backend.cvat.export import cvat_xml_records
+    from ml_backend.cvat.records import cvat_xml_records
 
     path = cvat_xml(tmp_path / "annotations.xml")
     text = path.read_text()

@@ -24,7 +24,7 @@ from ..models.student import StudentConfig, StudentDetector
 from ..ontology import LabelSpec, Ontology
 from ..types import LabeledImage
 from .dataset import DistillError, Example, TensorSet, stratified_split, training_examples, write_coco
-from .export import export_onnx, speed_table, write_model_card
+from .onnx_export import export_onnx, speed_table, write_model_card
 from .train import TrainOptions, train
 
 log = logging.getLogger(__name__)

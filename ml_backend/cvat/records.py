@@ -1,6 +1,6 @@
 """A CVAT "CVAT for images 1.1" XML export as neutral records: boxes, polygons and masks (CVAT's `rle` attribute:
 run lengths over the mask's own box, decoded by `convert.points_to_mask`). CVAT's "COCO 1.0" export is plain COCO and
-is read by the COCO reader (`ml_backend.review.sources.coco_records`). Keys are image names; a shape's `source`
+is read by the COCO reader (`ml_backend.coco.read_records`). Keys are image names; a shape's `source`
 ("auto" for a model's, "manual" for a person's) decides whether it is a prediction or an annotation."""
 
 from __future__ import annotations

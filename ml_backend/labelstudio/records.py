@@ -1,6 +1,5 @@
 """A Label Studio project as neutral records (`LabeledImage`): per task the latest prediction of the project's model
-version and the latest non-cancelled annotation, rectangles, brush masks and polygons in pixels. And the way back:
-a Data Manager tab listing flagged tasks."""
+version and the latest non-cancelled annotation, rectangles, brush masks and polygons in pixels."""
 
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ def task_link(url: str, project_id: int, task_id: int) -> str:
     return f"{url.rstrip('/')}/projects/{project_id}/data?task={task_id}"
 
 
-def _plain(obj: Any) -> Any:
+def plain(obj: Any) -> Any:
     """SDK objects (pydantic) or dicts, as dicts."""
     return obj.model_dump() if hasattr(obj, "model_dump") else obj
 
@@ -81,14 +80,14 @@ def project_records(client, project_id: int, url: str, model_version: str | None
     version = model_version or project.model_version or None
     records = []
     for task in client.tasks.list(project=project_id, fields="all", page_size=PAGE_SIZE):
-        task = _plain(task)
+        task = plain(task)
         tid, where = task["id"], f"project {project_id} task {task['id']}"
         image = (task.get("data") or {}).get(data_key)
         if not image:
             raise ProjectError(f"{where} has no image under data.{data_key}")
-        prediction = _latest([_plain(p) for p in task.get("predictions") or []],
+        prediction = _latest([plain(p) for p in task.get("predictions") or []],
                              lambda p: version is None or p.get("model_version") == version)
-        annotation = _latest([_plain(a) for a in task.get("annotations") or []],
+        annotation = _latest([plain(a) for a in task.get("annotations") or []],
                              lambda a: not a.get("was_cancelled"))
         pred_objects, pw, ph = result_objects(prediction["result"], f"{where} prediction {prediction.get('id')}",
                                               prediction.get("score")) if prediction else ([], None, None)
@@ -111,14 +110,3 @@ def project_records(client, project_id: int, url: str, model_version: str | None
         records.append(record)
     log.info("project %s: %d tasks exported (model version %s)", project_id, len(records), version or "any")
     return records
-
-
-def create_review_tab(client, project_id: int, task_ids: list[int], title: str) -> int:
-    """A Data Manager tab showing only `task_ids`; an existing tab of that title is replaced. Returns its id."""
-    for view in client.views.list(project=project_id):
-        view = _plain(view)
-        if (view.get("data") or {}).get("title") == title:
-            client.views.delete(id=view["id"])
-    items = [{"filter": "filter:tasks:id", "operator": "equal", "type": "Number", "value": int(t)} for t in task_ids]
-    data = {"title": title, "filters": {"conjunction": "or", "items": items}}
-    return _plain(client.views.create(project=project_id, data=data))["id"]

@@ -31,7 +31,7 @@ annotation but no prediction counts as all added; an annotation with no region i
 
 The pure measure (`task_edits`, `measure_effort`) takes Detections only, so the distill benchmark can score a
 student's predictions on synthetic data the same way; `records_effort` is the thin layer over records (e.g. from
-`labelstudio.export.project_records`); the CLI composes the two.
+`labelstudio.records.project_records`); the CLI composes the two.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import supervision as sv
 
-from ..errors import PrelabelError
-from ..types import LabeledImage, box_iou
+from .errors import PrelabelError
+from .types import LabeledImage, box_iou
 
 log = logging.getLogger(__name__)
 
