@@ -188,12 +188,10 @@ def up(
 
 
 def _label_studio_client(url: str | None, api_key: str | None):
-    from label_studio_sdk.client import LabelStudio
+    from .cli_sources import label_studio_client
 
     settings = _settings(label_studio_url=url, label_studio_api_key=api_key)
-    if not settings.label_studio_url or not settings.label_studio_api_key:
-        raise PrelabelError("give Label Studio's address and an API key: --url/--api-key or LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY")
-    return settings, LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key.get_secret_value())
+    return settings, label_studio_client(settings)
 
 
 @app.command()
@@ -327,73 +325,32 @@ def review(
 ):
     """Review labels in FiftyOne: a persistent dataset (refreshed by task id or file name, never duplicated) with
     `prelabel` and `ground_truth`, likely mistakes, label statistics and plots, and the flagged tasks' links."""
-    import json
-
-    from .images import ImageLoader
-    from .models import build_detector, build_segmenter, pick_device
-    from .review import launch_app, print_report, run_review
+    from .cli_sources import Source, open_source
+    from .review import FLAGGED_FILE, launch_app, print_report, review_embedder, review_folder
     from .review.dataset import configure_fiftyone
 
     _logging(verbose)
-    if sum(x is not None for x in (project, coco, cvat)) != 1:
-        raise _fail(PrelabelError("give one source: --project ID, --coco FILE --images DIR, or --cvat FILE --images DIR"))
-    if project is None and images is None:
-        raise _fail(PrelabelError("--coco and --cvat need --images DIR (the folder holding the images)"))
+    with _failing():
+        source = Source(project, coco, cvat, images, predictions, model_version).check()
     configure_fiftyone()
     with _failing():
-        settings = _settings(segmenter=_segmenter_flag(segmenter), detector=detector, device=device)
-        loader, client = None, None
-        if project is not None:
-            from .labelstudio.records import project_records
-            from .labelstudio.views import create_review_tab
-
-            ls_settings, client = _label_studio_client(url, api_key)
-            settings = _settings(segmenter=_segmenter_flag(segmenter), detector=detector, device=device,
-                                 label_studio_url=ls_settings.label_studio_url,
-                                 label_studio_api_key=ls_settings.label_studio_api_key.get_secret_value())
-            records = project_records(client, project, settings.label_studio_url, model_version)
-            loader = ImageLoader(settings)
-            name = name or f"prelabel-project-{project}"
-        elif cvat is not None and cvat.suffix.lower() == ".xml":
-            from .cvat.records import cvat_xml_records
-
-            records = cvat_xml_records(cvat, images)
-        else:
-            from .coco import read_records as coco_records
-
-            records = coco_records(coco or cvat, images, predictions)
-        name = name or f"prelabel-{(coco or cvat).stem}"
-        out = out or settings.model_dir / "review" / name
-        out.mkdir(parents=True, exist_ok=True)
-        embedder = None
-        if embeddings:
-            from .review.embeddings import make_embedder
-
-            torch_device = pick_device(settings.device)
-            if embedding_model:
-                from .review.embeddings import ClipEmbedder
-
-                embedder = ClipEmbedder(embedding_model, settings.model_dir, torch_device)
-            elif settings.segmenter:  # SAM's image encoder, else the detector's backbone
-                embedder = make_embedder(segmenter=build_segmenter(settings.segmenter, settings.model_dir, torch_device))
-            else:
-                embedder = make_embedder(detector=build_detector(settings.detector, settings.model_dir, torch_device))
-        try:
-            report = run_review(records, name, out / "images", loader, embedder, plots_dir=out / "plots",
-                                viz_method=viz, prune=prune)
-        finally:
-            if loader is not None:
-                loader.close()
+        settings = _settings(segmenter=_segmenter_flag(segmenter), detector=detector, device=device,
+                             label_studio_url=url, label_studio_api_key=api_key)
+        with open_source(source, settings) as opened:
+            name = name or f"prelabel-{source.name}"
+            out = out or settings.model_dir / "review" / name
+            embedder = review_embedder(settings, embedding_model) if embeddings else None
+            report = review_folder(opened.records, name, out, opened.images, embedder, viz, prune)
         print_report(report)
-        flagged = [{"key": f.key, "link": f.link, "reasons": f.reasons} for f in report.flagged]
-        (out / "flagged.json").write_text(json.dumps({"dataset": name, "flagged": flagged,
-                                                     "duplicates": report.duplicates}, indent=2) + "\n")
         typer.echo(f"dataset {name}: {report.build.added} added, {report.build.updated} refreshed, "
                    f"{report.build.removed} removed; "
-                   f"{len(flagged)} flagged samples in {out / 'flagged.json'}; plots in {out / 'plots'}")
-        if project is not None and tab and flagged:
-            tab_id = create_review_tab(client, project, [int(f["key"]) for f in flagged], "prelabel review")
-            typer.echo(f"Label Studio tab 'prelabel review' ({tab_id}): {settings.label_studio_url}/projects/{project}/data?tab={tab_id}")
+                   f"{len(report.flagged)} flagged samples in {out / FLAGGED_FILE}; plots in {out / 'plots'}")
+        if project is not None and tab and report.flagged:
+            from .labelstudio.views import create_review_tab, tab_link
+
+            tab_id = create_review_tab(opened.client, project, [int(f.key) for f in report.flagged], "prelabel review")
+            typer.echo(f"Label Studio tab 'prelabel review' ({tab_id}): "
+                       f"{tab_link(settings.label_studio_url, project, tab_id)}")
     if launch:
         typer.echo("FiftyOne App on http://127.0.0.1:5151 (Ctrl-C stops)")
         launch_app(name)
@@ -415,17 +372,17 @@ def effort(
 
     from rich.console import Console
 
+    from .cli_sources import Source, open_source
     from .effort import EffortError, EffortWeights, print_effort, records_effort
-    from .labelstudio.records import project_records
 
     with _failing():
         weights = EffortWeights.parse(weight)
         if not 0 < iou <= 1:
             raise EffortError(f"--iou {iou}: use a number in (0, 1]")
-        settings, client = _label_studio_client(url, api_key)
-        records = project_records(client, project, settings.label_studio_url, model_version)
-        report = records_effort(records, iou, weights)
-    versions = sorted({r.model_version for r in records if r.model_version})
+        settings = _settings(label_studio_url=url, label_studio_api_key=api_key)
+        with open_source(Source(project=project, model_version=model_version), settings) as opened:
+            report = records_effort(opened.records, iou, weights)
+    versions = report.model_versions
     print_effort(report, Console(width=160), title=f"project {project} ({', '.join(versions) or 'no predictions'})")
     saved = report.saved
     typer.echo(f"effort saved: {'n/a' if saved is None else f'{100 * saved:.1f} %'}")
@@ -463,13 +420,12 @@ def distill(
 ):
     """Train a small detector (the student) on the corrected labels, evaluate it and the teacher's pre-annotations
     on the same held-out images (COCO mAP), export ONNX and a model card; serve it with --detector student:OUT."""
+    from .cli_sources import Source, open_source
     from .distill.run import DistillOptions, TrainOptions, distill as run_distill, print_distill
 
     _logging(verbose)
-    if (project is None) == (coco is None):
-        raise _fail(PrelabelError("give one source: --project ID or --coco FILE --images DIR"))
-    if coco is not None and images is None:
-        raise _fail(PrelabelError("--coco needs --images DIR (the folder holding the images)"))
+    with _failing():
+        source = Source(project, coco, None, images, predictions, model_version).check(("project", "coco"))
     if target != "fcos-resnet18":
         raise _fail(PrelabelError(f"--target {target!r} is not available; supported: fcos-resnet18"))
     if pretrained not in ("auto", "imagenet", "scratch"):
@@ -480,43 +436,16 @@ def distill(
                              pretrained=pretrained, export=export, resume=not restart, device=device or "auto",
                              train=train_options)
     with _failing():
-        records, labels, load, source, name = _labelled_records(project, coco, images, predictions, url, api_key,
-                                                                model_version)
-        out = out or _settings().model_dir / "students" / name
-        report = run_distill(records, labels, load, out, options, source)
+        settings = _settings(label_studio_url=url, label_studio_api_key=api_key)
+        with open_source(source, settings) as opened:
+            out = out or settings.model_dir / "students" / source.name
+            report = run_distill(opened.records, opened.labels, opened.load, out, options, source.description)
     print_distill(report)
     typer.echo(f"student, ONNX and model card in {out}; serve it with: prelabel serve --detector student:{out}")
     if report["training"]["stopped"] == "interrupted":
         typer.secho("training was interrupted: the best epoch so far is exported; run the same command again to "
                     "resume", fg="yellow", err=True)
         raise typer.Exit(1)
-
-
-def _labelled_records(project, coco, images, predictions, url, api_key, model_version):
-    """(records, labels, image loader, source description, default output name) from a project or a COCO file;
-    images load as the server loads them (`images.record_image`)."""
-    import json
-
-    from .images import ImageLoader, record_image
-
-    if project is not None:
-        from .labelstudio.annotate import open_project
-        from .labelstudio.config import parse_config
-        from .labelstudio.records import project_records
-
-        settings, client = _label_studio_client(url, api_key)
-        labels = parse_config(open_project(client, project).label_config).labels
-        records = project_records(client, project, settings.label_studio_url, model_version)
-        loader = ImageLoader(settings)
-        return (records, labels, lambda r: record_image(r, loader, settings.max_image_pixels),
-                f"Label Studio project {project}", f"project-{project}")
-    from .coco import read_records as coco_records
-
-    records = coco_records(coco, images, predictions)
-    categories = sorted(json.loads(coco.read_text())["categories"], key=lambda c: c["id"])
-    max_pixels = _settings().max_image_pixels
-    return (records, [c["name"] for c in categories], lambda r: record_image(r, None, max_pixels),
-            f"COCO file {coco}", coco.stem)
 
 
 @app.command()
@@ -583,38 +512,18 @@ def prompts_eval(
 ):
     """Run every candidate prompt (and detector) on the annotated samples: per label AP, AP50 and the best score
     threshold, PR curves, a JSON report and the winning prompts file. Outputs are cached: a re-run computes nothing."""
-    from .images import ImageLoader
+    from .cli_sources import Source, open_source
     from .workbench import DetectParams, evaluate_prompts, print_workbench
 
     _logging(verbose)
-    if (project is None) == (coco is None):
-        raise _fail(PrelabelError("give one source: --project ID or --coco FILE --images DIR"))
-    if coco is not None and images is None:
-        raise _fail(PrelabelError("--coco needs --images DIR (the folder holding the images)"))
-    loader = None
     with _failing():
-        settings = _settings(device=device, batch_size=batch_size)
-        if project is not None:
-            from .labelstudio.records import project_records
-
-            ls_settings, client = _label_studio_client(url, api_key)
-            settings = _settings(device=device, batch_size=batch_size, label_studio_url=ls_settings.label_studio_url,
-                                 label_studio_api_key=ls_settings.label_studio_api_key.get_secret_value())
-            records = project_records(client, project, settings.label_studio_url)
-            loader = ImageLoader(settings)
-            name = f"project-{project}"
-        else:
-            from .coco import read_records as coco_records
-
-            records = coco_records(coco, images)
-            name = coco.stem
-        out = out or settings.model_dir / "workbench" / name
-        params = DetectParams(min_score, text_threshold, max_detections=settings.max_detections)
-        try:
-            report = evaluate_prompts(records, candidates, out, settings, models, cache, loader, params, synonyms)
-        finally:
-            if loader is not None:
-                loader.close()
+        source = Source(project, coco, None, images).check(("project", "coco"))
+        settings = _settings(device=device, batch_size=batch_size, label_studio_url=url, label_studio_api_key=api_key)
+        with open_source(source, settings) as opened:
+            out = out or settings.model_dir / "workbench" / source.name
+            params = DetectParams(min_score, text_threshold, max_detections=settings.max_detections)
+            report = evaluate_prompts(opened.records, candidates, out, settings, models, cache, opened.images, params,
+                                      synonyms)
     print_workbench(report)
     typer.echo(f"detector runs: {report.computed} computed, {report.cached} from the cache")
     typer.echo(f"winning prompts: {report.outputs['prompts']}; report: {report.outputs['report']}; "

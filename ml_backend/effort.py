@@ -137,6 +137,7 @@ class EffortReport:
     tasks: int = 0  # measured (annotated)
     skipped_unannotated: int = 0
     without_prediction: int = 0  # measured tasks with no prediction: all added
+    model_versions: list[str] = field(default_factory=list)  # of the records' predictions, measured or not
 
     @property
     def saved(self) -> float | None:
@@ -263,6 +264,7 @@ def records_effort(records: Iterable[LabeledImage], iou: float = 0.9,
     annotated = [r for r in records if r.annotations is not None]
     report = measure_effort(((r.predictions, r.annotations) for r in annotated), iou, weights, hungarian)
     report.skipped_unannotated = len(records) - len(annotated)
+    report.model_versions = sorted({r.model_version for r in records if r.model_version})
     log.info("effort: %d tasks measured, %d skipped (no annotation)", report.tasks, report.skipped_unannotated)
     return report
 

@@ -54,14 +54,27 @@ def shape_object(el: ET.Element, width: int, height: int, where: str) -> dict | 
     return obj
 
 
+def _read(path: Path) -> ET.Element:
+    try:
+        return ET.parse(path).getroot()
+    except (OSError, ET.ParseError) as exc:
+        raise ConfigError(f"cannot read CVAT XML {path}: {exc}") from None
+
+
+def _labels(root: ET.Element) -> list[str]:
+    return [lab.findtext("name") for lab in root.iter("label") if lab.findtext("name")]  # meta: class order
+
+
+def cvat_xml_labels(path: Path) -> list[str]:
+    """The label names of a CVAT for images 1.1 XML file (its meta), in CVAT's order."""
+    return _labels(_read(path))
+
+
 def cvat_xml_records(path: Path, images: Path, link_base: str | None = None) -> list[LabeledImage]:
     """Records from a CVAT for images 1.1 XML file; images are looked up below `images` by their name. With
     `link_base` (e.g. `https://cvat.example/tasks/12/jobs/34`), links are `<link_base>?frame=<id>`."""
-    try:
-        root = ET.parse(path).getroot()
-    except (OSError, ET.ParseError) as exc:
-        raise ConfigError(f"cannot read CVAT XML {path}: {exc}") from None
-    labels = [lab.findtext("name") for lab in root.iter("label") if lab.findtext("name")]  # meta: class order
+    root = _read(path)
+    labels = _labels(root)
     records = []
     for image in root.iter("image"):
         name = image.get("name")

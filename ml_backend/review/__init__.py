@@ -1,14 +1,18 @@
 """Review adapter (FiftyOne): neutral records -> a persistent dataset with `prelabel` and `ground_truth`, embeddings
 and their map, likely mistakes (evaluation, mistakenness, cleanlab), label statistics, saved views, and the list of
-flagged samples with their links back to the labeling tool. Consumes only `LabeledImage` records."""
+flagged samples with their links back to the labeling tool; `review_folder` runs it all into one folder
+(`flagged.json`, plots, image cache), `review_embedder` picks the model that embeds. Consumes only `LabeledImage`
+records; links back to a tool are followed by that tool's adapter (e.g. `labelstudio.views`)."""
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..images import ImageLoader
+from ..media import ImageSource
+from ..settings import Settings
 from ..types import LabeledImage
 from .dataset import GT, PRED, BuildReport, build_dataset, configure_fiftyone
 from .stats import LabelStats, label_stats, print_stats, save_plots
@@ -17,8 +21,10 @@ log = logging.getLogger(__name__)
 
 VIEWS = ("likely mistakes", "missed by the model", "near duplicates")
 APP_ADDRESS, APP_PORT = "127.0.0.1", 5151
+FLAGGED_FILE = "flagged.json"
 
-__all__ = ["ReviewReport", "run_review", "launch_app", "configure_fiftyone", "VIEWS"]
+__all__ = ["ReviewReport", "run_review", "review_folder", "review_embedder", "launch_app", "configure_fiftyone",
+           "VIEWS"]
 
 
 @dataclass
@@ -61,7 +67,7 @@ def _save_views(dataset, duplicate_ids: list[str]) -> dict[str, int]:
     return counts
 
 
-def run_review(records: list[LabeledImage], name: str, cache_dir: Path, loader: ImageLoader | None = None,
+def run_review(records: list[LabeledImage], name: str, cache_dir: Path, loader: ImageSource | None = None,
                embedder=None, plots_dir: Path | None = None, viz_method: str = "umap",
                overwrite: bool = False, prune: bool = False, console=None) -> ReviewReport:
     """Build or refresh dataset `name` from `records` and run every check. `embedder` (an `EncoderEmbedder`) enables
@@ -98,6 +104,33 @@ def run_review(records: list[LabeledImage], name: str, cache_dir: Path, loader: 
             reasons.setdefault(key, []).append(view_name)
     links = dict(zip(dataset.values("key"), dataset.values("task_link")))
     report.flagged = [Flagged(k, links.get(k), r) for k, r in sorted(reasons.items())]
+    return report
+
+
+def review_embedder(settings: Settings, model: str | None = None):
+    """What embeds images and objects: the CLIP/SigLIP `model` when given, else the image encoder of the settings'
+    SAM, else the backbone of its detector."""
+    from ..models import build_detector, build_segmenter, pick_device
+    from .embeddings import ClipEmbedder, make_embedder
+
+    device = pick_device(settings.device)
+    if model:
+        return ClipEmbedder(model, settings.model_dir, device)
+    if settings.segmenter:
+        return make_embedder(segmenter=build_segmenter(settings.segmenter, settings.model_dir, device))
+    return make_embedder(detector=build_detector(settings.detector, settings.model_dir, device))
+
+
+def review_folder(records: list[LabeledImage], name: str, out: Path, loader: ImageSource | None = None,
+                  embedder=None, viz_method: str = "umap", prune: bool = False) -> ReviewReport:
+    """`run_review` with its files under `out`: the image cache (`images/`), the plots (`plots/`) and
+    `flagged.json` (the dataset, each flagged sample's key, link and reasons, and the near-duplicate groups)."""
+    out.mkdir(parents=True, exist_ok=True)
+    report = run_review(records, name, out / "images", loader, embedder, plots_dir=out / "plots",
+                        viz_method=viz_method, prune=prune)
+    flagged = [{"key": f.key, "link": f.link, "reasons": f.reasons} for f in report.flagged]
+    (out / FLAGGED_FILE).write_text(json.dumps({"dataset": name, "flagged": flagged,
+                                                "duplicates": report.duplicates}, indent=2) + "\n")
     return report
 
 
