@@ -18,6 +18,20 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 RSS_FIELDS = ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem")
+RESULTS = Path(__file__).resolve().parent / "results"
+SMOKE_HELP = ("a smoke run: tiny random models (ml_backend.models.tiny), tiny sizes and counts, seconds; the same code "
+              "path, measurements and JSON (under results/smoke/), but its targets are not judged: exit 0 when it ran")
+
+
+def result_path(name: str, smoke: bool = False) -> Path:
+    """Where a benchmark writes its JSON by default: results/NAME, or results/smoke/NAME for a --smoke run (a smoke
+    run never overwrites a measurement)."""
+    return RESULTS / "smoke" / name if smoke else RESULTS / name
+
+
+def exit_status(passed: bool, smoke: bool) -> int:
+    """Exit status: 1 when a target is missed; a smoke run on tiny models judges no target (it fails by raising)."""
+    return 0 if smoke or passed else 1
 
 
 def make_image(path: Path, seed: int, size: tuple[int, int] = (1200, 800)) -> Path:

@@ -1,5 +1,6 @@
-"""`python -m benchmarks.run [--out PATH] [--quick]`: server overhead, cached clicks and memory, measured in one run
-on full-size Grounding DINO-T + SAM ViT-B (random weights) on this machine. See benchmarks/README.md."""
+"""`python -m benchmarks.run [--out PATH] [--quick | --smoke]`: server overhead, cached clicks and memory, measured in
+one run on full-size Grounding DINO-T + SAM ViT-B (random weights) on this machine (`--smoke`: the same run on tiny
+models and small images, in seconds). See benchmarks/README.md."""
 
 from __future__ import annotations
 
@@ -26,13 +27,15 @@ import transformers  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from ml_backend.images import decode_image  # noqa: E402
+from ml_backend.media import decode_image  # noqa: E402
 from ml_backend.labelstudio.config import parse_config  # noqa: E402
 from ml_backend.labelstudio.convert import detections_to_results  # noqa: E402
-from ml_backend.pipeline import Pipeline  # noqa: E402
+from ml_backend.engine import Engine  # noqa: E402
 from ml_backend.settings import Settings  # noqa: E402
 
-from .harness import BackendProcess, ImageHost, import_rss, make_image, proc_rss  # noqa: E402
+from .harness import (  # noqa: E402
+    SMOKE_HELP, BackendProcess, ImageHost, exit_status, import_rss, make_image, proc_rss, result_path,
+)
 from .models import weight_bytes, write_models  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -46,6 +49,7 @@ LABEL_CONFIG = """<View>
 # Random weights score every query alike: thresholds 0 and a cap give the same, realistic number of boxes each time.
 BOXES = 8
 IMAGE_WH = (1200, 800)
+SMOKE_IMAGE_WH = (160, 120)
 PROMPTS = f"box_threshold: 0.0\ntext_threshold: 0.0\nmax_detections: {BOXES}\n"
 FIRST_CLICK = (50.0, 50.0)
 CACHED_CLICKS = ((30.0, 40.0), (70.0, 60.0))
@@ -61,7 +65,8 @@ class Run:
     client: httpx.Client
     server: BackendProcess
     host: ImageHost
-    pipeline: Pipeline
+    pipeline: Engine
+    image_wh: tuple[int, int] = IMAGE_WH
 
 
 def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -92,8 +97,8 @@ def post_predict(run: Run, body: dict) -> tuple[float, dict]:
 
 def click(run: Run, image: Path, xy: tuple[float, float]) -> float:
     region = {
-        "type": "keypointlabels", "from_name": "kp", "to_name": "image", "original_width": IMAGE_WH[0],
-        "original_height": IMAGE_WH[1], "is_positive": True, "value": {"x": xy[0], "y": xy[1], "keypointlabels": ["Car"]},
+        "type": "keypointlabels", "from_name": "kp", "to_name": "image", "original_width": run.image_wh[0],
+        "original_height": run.image_wh[1], "is_positive": True, "value": {"x": xy[0], "y": xy[1], "keypointlabels": ["Car"]},
     }
     return post_predict(run, task(run, image, {"result": [region]}))[0]
 
@@ -192,26 +197,33 @@ def machine() -> dict:
     }
 
 
-def measure(repeats: int) -> dict:
-    models = write_models(CACHE / "models")
-    prompts = CACHE / "prompts.yaml"
+def measure(repeats: int, smoke: bool = False) -> dict:
+    root, image_wh = (CACHE / "smoke", SMOKE_IMAGE_WH) if smoke else (CACHE, IMAGE_WH)
+    if smoke:
+        from ml_backend.models.tiny import write_tiny_models
+
+        models = write_tiny_models(root / "models")  # seconds, rewritten every run
+    else:
+        models = write_models(CACHE / "models")
+    prompts = root / "prompts.yaml"
     prompts.write_text(PROMPTS)
     # distinct images: neither side's embedding cache may hit (both processes start empty each run)
-    predict_images = [make_image(CACHE / "images" / f"predict-{i}.jpg", seed=i, size=IMAGE_WH) for i in range(repeats + 1)]
-    click_images = [make_image(CACHE / "images" / f"click-{i}.jpg", seed=100 + i, size=IMAGE_WH) for i in range(repeats)]
+    predict_images = [make_image(root / "images" / f"predict-{i}.jpg", seed=i, size=image_wh) for i in range(repeats + 1)]
+    click_images = [make_image(root / "images" / f"click-{i}.jpg", seed=100 + i, size=image_wh) for i in range(repeats)]
     baseline = {"torch_transformers": import_rss("torch, transformers"), "server_stack": import_rss(SERVER_STACK)}
     settings = dict(detector=str(models["detector"]), segmenter=str(models["segmenter"]), prompts=prompts,
-                    model_dir=CACHE / "model-dir", embedding_cache_size=8)
+                    model_dir=root / "model-dir", embedding_cache_size=8)
+    # the image host is on loopback, which the server's SSRF guard refuses unless the host is allowed by name
     env = {"HF_HUB_OFFLINE": "1", "MODEL_DIR": str(settings["model_dir"]), "PRELABEL_EMBEDDING_CACHE_SIZE": "8",
-           "BASIC_AUTH_USER": "", "BASIC_AUTH_PASS": ""}
+           "BASIC_AUTH_USER": "", "BASIC_AUTH_PASS": "", "PRELABEL_ALLOWED_HOSTS": "127.0.0.1"}
     args = ["--detector", settings["detector"], "--segmenter", settings["segmenter"], "--prompts", str(prompts)]
-    host = ImageHost(CACHE / "images")
-    server = BackendProcess(args, env, CACHE / "server.log")
+    host = ImageHost(root / "images")
+    server = BackendProcess(args, env, root / "server.log")
     rss: dict[str, dict] = {}
     try:
         with httpx.Client(timeout=600) as client:
-            pipeline = Pipeline.from_settings(Settings(**settings))  # bare models, loaded while the server loads its own
-            run = Run(client, server, host, pipeline)
+            pipeline = Engine.from_settings(Settings(**settings))  # bare models, loaded while the server loads its own
+            run = Run(client, server, host, pipeline, image_wh)
             server.wait_ready(client)
             rss["loaded"] = proc_rss(server.proc.pid)
             predict = bench_predict(run, predict_images)
@@ -305,25 +317,31 @@ def json_dump(value: Any) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "latest.json")
+    parser.add_argument("--out", type=Path, help="default: results/latest.json (results/smoke/latest.json with --smoke)")
     parser.add_argument("--quick", action="store_true", help="two measured repeats instead of four")
+    parser.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = parser.parse_args(argv)
+    out = args.out or result_path("latest.json", args.smoke)
     start = time.perf_counter()
-    repeats = 2 if args.quick else 4  # even: the alternating server/bare order is balanced
+    repeats = 2 if args.quick or args.smoke else 4  # even: the alternating server/bare order is balanced
+    models = ({"detector": "tiny random Grounding DINO (ml_backend.models.tiny)", "segmenter": "tiny random SAM"}
+              if args.smoke else {"detector": "GroundingDinoConfig() (Swin-T + BERT-base), random weights",
+                                  "segmenter": "SamConfig() (ViT-B), random weights"})
     result = {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(),
-              "setup": {"repeats": repeats, "image_wh": IMAGE_WH, "boxes": BOXES, "label_config": LABEL_CONFIG,
-                        "detector": "GroundingDinoConfig() (Swin-T + BERT-base), random weights",
-                        "segmenter": "SamConfig() (ViT-B), random weights"}}
-    result |= measure(repeats)
+              "setup": {"smoke": args.smoke, "repeats": repeats, "image_wh": SMOKE_IMAGE_WH if args.smoke else IMAGE_WH,
+                        "boxes": BOXES, "label_config": LABEL_CONFIG} | models}
+    result |= measure(repeats, args.smoke)
     result["ratios"] = ratios(result)
     result["diagnostics"] = diagnostics(result)
     result["total_s"] = time.perf_counter() - start
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json_dump(result))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json_dump(result))
     report(result)
-    console.print(f"wrote {args.out}")
-    return 0 if all(r["pass"] for r in result["ratios"].values()) else 1
+    if args.smoke:
+        console.print("smoke run on tiny models: the ratios are not judged against their targets")
+    console.print(f"wrote {out}")
+    return exit_status(all(r["pass"] for r in result["ratios"].values()), args.smoke)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.two_stage [--out PATH] [--images N] [--boxes N] [--full-size | --detector REF --classifier REF]`:
+"""`python -m benchmarks.two_stage [--out PATH] [--images N] [--boxes N] [--full-size | --detector REF --classifier REF | --smoke]`:
 what does classifying every detected box (two-stage: `RectangleLabels` + `<Choices perRegion="true">`) cost on top
 of detection alone? Measured in one run, on the same decoded images, through `LabelStudioBackend.infer` (what
 `/predict` runs after fetching):
@@ -11,7 +11,8 @@ of detection alone? Measured in one run, on the same decoded images, through `La
 
 Tiny random models by default (seconds; shows the call structure); `--full-size` writes Grounding DINO-T and CLIP
 ViT-B/32 with random weights (timings like trained ones) to benchmarks/results/.cache; `--detector`/`--classifier`
-take real models (local directories or cached hub ids; nothing is downloaded)."""
+take real models (local directories or cached hub ids; nothing is downloaded). `--smoke`: the tiny models on 2 small
+images, one repeat (the forwards-per-batch and regions checks still decide the exit status)."""
 
 from __future__ import annotations
 
@@ -30,14 +31,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported: nothing m
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from ml_backend.images import decode_image  # noqa: E402
+from ml_backend.media import decode_image  # noqa: E402
 from ml_backend.labelstudio.backend import LabelStudioBackend, LoadedTasks  # noqa: E402
 from ml_backend.labelstudio.config import parse_config  # noqa: E402
-from ml_backend.pipeline import Pipeline, crop  # noqa: E402
+from ml_backend.engine import Engine
+from ml_backend.types import crop  # noqa: E402
 from ml_backend.settings import Settings  # noqa: E402
 
-from .harness import make_image  # noqa: E402
-from .run import CACHE, HERE, machine  # noqa: E402
+from .harness import SMOKE_HELP, make_image, result_path  # noqa: E402
+from .run import CACHE, machine  # noqa: E402
 
 DETECT = """<View><Image name="image" value="$image"/>
 <RectangleLabels name="box" toName="image"><Label value="Product"/></RectangleLabels></View>"""
@@ -108,8 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detector", help="a real detector: local directory or cached hub id")
     parser.add_argument("--classifier", help="a real CLIP/SigLIP: local directory or cached hub id")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    parser.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = parser.parse_args(argv)
-    out = args.out or HERE / "results" / ("two_stage-full.json" if args.full_size or args.detector else "two_stage.json")
+    if args.smoke:
+        if args.full_size or args.detector or args.classifier:
+            raise SystemExit("--smoke runs the tiny models: not with --full-size, --detector or --classifier")
+        args.images, args.boxes, args.repeats, args.size = 2, 4, 1, (160, 120)
+    out = args.out or result_path("two_stage-full.json" if args.full_size or args.detector else "two_stage.json",
+                                  args.smoke)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="prelabel-two-stage-") as tmp:
         tmp = Path(tmp)
@@ -118,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts.write_text(PROMPTS.format(boxes=args.boxes))
         settings = Settings(detector=detector, segmenter="", classifier=classifier, prompts=prompts,
                             model_dir=CACHE / "model-dir", batch_size=args.images, device=args.device)
-        pipeline = Pipeline.from_settings(settings)
+        pipeline = Engine.from_settings(settings)
         backend = LabelStudioBackend.for_batch(pipeline)
         folder = tmp / "images"
         paths = [make_image(folder / f"two-stage-{i}.jpg", seed=300 + i, size=tuple(args.size)) for i in range(args.images)]
@@ -178,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "boxes": boxes,
         "per_region_choices": regions,
         "images": args.images,
+        "smoke": args.smoke,
         "device": str(pipeline.classifier.device),
         "image_wh": list(args.size),
         "classifier_batch_size": settings.classifier_batch_size,
