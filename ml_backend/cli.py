@@ -85,7 +85,7 @@ def serve(
     import uvicorn
 
     from .labelstudio.server import create_app
-    from .pipeline import Pipeline
+    from .engine import Engine
 
     _logging(verbose)
     settings = _settings(prompts=prompts, detector=detector, device=device, segmenter=_segmenter_flag(segmenter),
@@ -93,9 +93,9 @@ def serve(
     if not _is_loopback(host) and not settings.basic_auth_user:
         log.warning("serving on %s without BASIC_AUTH_USER/BASIC_AUTH_PASS: anyone who can reach it can use it", host)
     with _failing():
-        pipeline = Pipeline.from_settings(settings)
-    log.info("models ready: %s", pipeline.base_version)
-    uvicorn.run(create_app(pipeline), host=host, port=port, log_level="debug" if verbose else "info")
+        engine = Engine.from_settings(settings)
+    log.info("models ready: %s", engine.base_version)
+    uvicorn.run(create_app(engine), host=host, port=port, log_level="debug" if verbose else "info")
 
 
 @app.command()
@@ -122,7 +122,7 @@ def up(
     )
     from .labelstudio.annotate import annotate_project
     from .ontology import PromptsFile
-    from .pipeline import Pipeline
+    from .engine import Engine
 
     _logging(verbose)
     images = images.expanduser().resolve()
@@ -150,17 +150,17 @@ def up(
         settings = _settings(**overrides)
         if not PromptsFile.load(settings.prompts).labels:  # before any model download
             raise PrelabelError("prelabel up needs labels: pass --prompts FILE (see prompts/example.yaml)")
-        pipeline = Pipeline.from_settings(settings)
+        engine = Engine.from_settings(settings)
         # Label Studio serves local files below a document root that must be a parent of the storage folder
         studio = LabelStudioProcess(data_dir, port, images.parent, creds)
-        backend = BackendThread(create_app(pipeline), backend_port)
+        backend = BackendThread(create_app(engine), backend_port)
         backend.start()
         log.info("starting Label Studio on %s (first start takes ~40 s)", studio.url)
         studio.wait_ready()
         client = LabelStudio(base_url=studio.url, api_key=creds.token)
-        config = label_config(pipeline.ontology(), masks=pipeline.segmenter is not None)
+        config = label_config(engine.ontology(), masks=engine.segmenter is not None)
         project_id, _ = ensure_project(client, f"prelabel: {images.name}", config, images, backend.url)
-        report = annotate_project(client, project_id, backend.server.config.app.state.backend, pipeline.settings.batch_size)
+        report = annotate_project(client, project_id, backend.server.config.app.state.backend, engine.settings.batch_size)
         if report.interrupted:
             raise KeyboardInterrupt
         for error in report.failed:
@@ -225,7 +225,7 @@ def annotate(
     from .labelstudio.annotate import annotate_folder, annotate_project, open_project
     from .labelstudio.backend import LabelStudioBackend
     from .labelstudio.config import parse_config
-    from .pipeline import Pipeline
+    from .engine import Engine
 
     _logging(verbose)
     if (folder is None) == (project is None):
@@ -247,13 +247,16 @@ def annotate(
             root = _settings().local_files_document_root or folder.expanduser().resolve().parent
             settings = _settings(**overrides, local_files_document_root=root)
         # with Ray the actors load the models; here only their ids are needed (for the model version)
-        pipeline = Pipeline.from_settings(settings, load=engine != "ray" or project is None)
-        backend = LabelStudioBackend.for_batch(pipeline)
+        models = Engine.from_settings(settings, load=engine != "ray" or project is None)
+        backend = LabelStudioBackend.for_batch(models)
         run_engine = None
         if engine == "ray":
-            from .engines.ray_engine import ray_engine
+            from functools import partial
 
-            run_engine = ray_engine(settings, ray_actors, cpus_per_actor, gpus_per_actor, ray_address, settings.batch_size)
+            from .engines.ray_engine import ray_engine
+            from .labelstudio.annotate import TaskPredictor
+
+            run_engine = ray_engine(partial(TaskPredictor, settings), ray_actors, cpus_per_actor, gpus_per_actor, ray_address, settings.batch_size)
         if project is not None:
             result = annotate_project(client, project, backend, settings.batch_size, only_unlabeled, limit, run_engine)
             stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -413,13 +416,16 @@ def distill(
     export: bool = typer.Option(True, "--export/--no-export", help="Export ONNX (checked with ONNX Runtime) and time it."),
     restart: bool = typer.Option(False, "--restart", help="Ignore an earlier run's checkpoint in --out and start over."),
     model_version: Optional[str] = typer.Option(None, help="--project: the teacher's predictions of this model version (default: the project's)."),
+    teacher: Optional[str] = typer.Option(None, help="Evaluate this detector (hub id or directory, e.g. Grounding DINO or OWLv2) as the teacher on the held-out images, instead of stored predictions."),
+    prompts: Optional[Path] = typer.Option(None, help="--teacher: its prompts file (labels without an entry are their own prompt)."),
     url: Optional[str] = typer.Option(None, help="Label Studio address (LABEL_STUDIO_URL)."),
     api_key: Optional[str] = typer.Option(None, help="Label Studio API key (LABEL_STUDIO_API_KEY)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ):
-    """Train a small detector (the student) on the corrected labels, evaluate it and the teacher's pre-annotations
-    on the same held-out images (COCO mAP), export ONNX and a model card; serve it with --detector student:OUT."""
+    """Train a small detector (the student) on the corrected labels, evaluate it and the teacher (its stored
+    pre-annotations, or --teacher run now) on the same held-out images (COCO mAP), export ONNX and a model card;
+    serve it with --detector student:OUT."""
     from .cli_sources import Source, open_source
     from .distill.run import DistillOptions, TrainOptions, distill as run_distill, print_distill
 
@@ -437,9 +443,15 @@ def distill(
                              train=train_options)
     with _failing():
         settings = _settings(label_studio_url=url, label_studio_api_key=api_key)
+        teacher_engine = None
+        if teacher is not None:  # boxes only: the student learns boxes
+            from .engine import Engine
+
+            teacher_engine = Engine.from_settings(_settings(detector=teacher, segmenter="", prompts=prompts, device=device))
         with open_source(source, settings) as opened:
             out = out or settings.model_dir / "students" / source.name
-            report = run_distill(opened.records, opened.labels, opened.load, out, options, source.description)
+            report = run_distill(opened.records, opened.labels, opened.load, out, options, source.description,
+                                 teacher=teacher_engine)
     print_distill(report)
     typer.echo(f"student, ONNX and model card in {out}; serve it with: prelabel serve --detector student:{out}")
     if report["training"]["stopped"] == "interrupted":
@@ -459,7 +471,7 @@ def fetch(
     """Download the models once (into the hub cache, HF_HOME) so that later starts work offline."""
     from .models.loading import resolve_model
     from .ontology import PromptsFile
-    from .pipeline import classifier_ref, model_refs
+    from .engine import classifier_ref, model_refs
 
     _logging(verbose)
     with _failing():

@@ -23,7 +23,8 @@ from ml_backend.labelstudio.server import create_app
 from ml_backend.models.classifier import ZeroShotClassifier, build_classifier
 from ml_backend.models.tiny import write_tiny_classifier
 from ml_backend.ontology import PromptFieldError, PromptsFile
-from ml_backend.pipeline import Pipeline, classifier_ref, crop
+from ml_backend.engine import Engine, classifier_ref
+from ml_backend.types import crop
 from ml_backend.settings import Settings
 
 from .conftest import LEGACY_TOKEN, RunningServer, encode, make_image, make_settings
@@ -82,7 +83,7 @@ def serve(base_pipeline, classifiers, ls_host, tmp_path):
         settings = make_settings(base_pipeline, tmp_path, label_studio_url=ls_host.url,
                                  label_studio_api_key=LEGACY_TOKEN, **overrides)
         detector = CountingDetector(base_pipeline.detector)
-        pipeline = Pipeline(detector, base_pipeline.segmenter, prompts or PromptsFile(), settings,
+        pipeline = Engine(detector, base_pipeline.segmenter, prompts or PromptsFile(), settings,
                             classifiers[classifier] if classifier else None)
         servers.append(RunningServer(create_app(pipeline)))
         servers[-1].pipeline = pipeline
@@ -266,7 +267,7 @@ def test_per_region_choices_follow_when_tag_name_onto_brush_regions(http, serve)
 def test_per_region_probabilities_belong_to_the_crop_of_their_own_box(base_pipeline, classifiers, ls_host, tmp_path):
     settings = make_settings(base_pipeline, tmp_path, label_studio_url=ls_host.url, label_studio_api_key=LEGACY_TOKEN)
     prompts = PromptsFile(**ALL_BOXES, labels={"Car": ["car"], "Person": ["person"]})
-    pipeline = Pipeline(base_pipeline.detector, None, prompts, settings, classifiers["clip"])
+    pipeline = Engine(base_pipeline.detector, None, prompts, settings, classifiers["clip"])
     backend = LabelStudioBackend.for_batch(pipeline)
     config = parse_config(TWO_STAGE)
     ontology = backend.ontology_for(config)
@@ -315,7 +316,7 @@ def test_task_metadata_fills_the_classifier_prompts_per_task_with_one_model_vers
 def test_task_metadata_fills_the_detector_prompts_per_task(base_pipeline, classifiers, ls_host, tmp_path):
     settings = make_settings(base_pipeline, tmp_path, label_studio_url=ls_host.url, label_studio_api_key=LEGACY_TOKEN)
     detector = CountingDetector(base_pipeline.detector)
-    pipeline = Pipeline(detector, None, PromptsFile(**ALL_BOXES, labels={"Product": "{product_name}"}), settings)
+    pipeline = Engine(detector, None, PromptsFile(**ALL_BOXES, labels={"Product": "{product_name}"}), settings)
     backend = LabelStudioBackend.for_batch(pipeline)
     config = parse_config('<View><Image name="i" value="$image"/><RectangleLabels name="b" toName="i">'
                           '<Label value="Product"/></RectangleLabels></View>')
@@ -387,7 +388,7 @@ TAGS = {"labels": ["Indoor", "Outdoor", "Night"], "multiple": False}
 
 def test_cvat_detector_function_returns_tags_after_shapes(base_pipeline, classifiers, tmp_path):
     prompts = PromptsFile(**ALL_BOXES, tags=TAGS, labels={"Car": "car", "Indoor": ["room", "indoor scene"]})
-    pipeline = Pipeline(base_pipeline.detector, None, prompts, Settings(model_dir=tmp_path), classifiers["clip"])
+    pipeline = Engine(base_pipeline.detector, None, prompts, Settings(model_dir=tmp_path), classifiers["clip"])
     function = DetectorFunction(pipeline)
     assert function.label_spec() == [{"id": 0, "name": "Car", "type": "rectangle"}, {"id": 1, "name": "Indoor", "type": "tag"},
                                      {"id": 2, "name": "Outdoor", "type": "tag"}, {"id": 3, "name": "Night", "type": "tag"}]
@@ -396,7 +397,8 @@ def test_cvat_detector_function_returns_tags_after_shapes(base_pipeline, classif
     shapes = [s for s in out if s["type"] == "rectangle"]
     (tag,) = [s for s in out if s["type"] == "tag"]
     assert shapes and out[-1] == tag and "points" not in tag
-    probs, chosen = pipeline.classify([np.array(image)], prompts.tag_classification())
+    probs = classifiers["clip"].classify([np.array(image)], prompts.tag_classification())
+    chosen = classifiers["clip"].decide(probs, prompts.tag_classification())
     assert tag["label"] == prompts.tag_classification().names[chosen[0][0]]
     assert float(tag["confidence"]) == pytest.approx(float(probs[0].max()), abs=1e-4)
     only = function({"image": base64.b64encode(encode(image)).decode(), "labels": ["indoor", "outdoor", "night"]})
@@ -404,7 +406,7 @@ def test_cvat_detector_function_returns_tags_after_shapes(base_pipeline, classif
 
 
 def test_cvat_tags_need_a_classifier(base_pipeline, tmp_path):
-    pipeline = Pipeline(base_pipeline.detector, None, PromptsFile(tags=TAGS), Settings(model_dir=tmp_path))
+    pipeline = Engine(base_pipeline.detector, None, PromptsFile(tags=TAGS), Settings(model_dir=tmp_path))
     with pytest.raises(ConfigError, match="tags.*PRELABEL_CLASSIFIER"):
         DetectorFunction(pipeline)
 
@@ -451,7 +453,7 @@ def test_two_stage_label_set_takes_each_box_label_from_the_classifier(base_pipel
     settings = make_settings(base_pipeline, tmp_path, label_studio_url=ls_host.url, label_studio_api_key=LEGACY_TOKEN)
     detector = CountingDetector(base_pipeline.detector)
     prompts = PromptsFile(**LABEL_SET_PROMPTS)
-    pipeline = Pipeline(detector, None, prompts, settings, classifiers["clip"])
+    pipeline = Engine(detector, None, prompts, settings, classifiers["clip"])
     backend = LabelStudioBackend.for_batch(pipeline)
     config = parse_config(LABEL_SET)
     ontology = backend.ontology_for(config)
@@ -486,7 +488,7 @@ def test_two_stage_label_set_takes_each_box_label_from_the_classifier(base_pipel
 
 
 def test_two_stage_label_set_needs_a_classifier_and_consistent_groups(base_pipeline, tmp_path):
-    pipeline = Pipeline(base_pipeline.detector, None, PromptsFile(**LABEL_SET_PROMPTS), Settings(model_dir=tmp_path))
+    pipeline = Engine(base_pipeline.detector, None, PromptsFile(**LABEL_SET_PROMPTS), Settings(model_dir=tmp_path))
     with pytest.raises(ConfigError, match="two-stage labels \\(Cola, Pepsi\\).*PRELABEL_CLASSIFIER"):
         pipeline.detect([np.array(make_image(64, 48))], pipeline.ontology())
     overlapping = {"Cola": {"detect": ["bottle"]}, "Pepsi": {"detect": ["bottle", "can"]}}
@@ -507,7 +509,7 @@ def test_label_studio_stores_choices_with_their_scores_and_region_links(label_st
     # no LABEL_STUDIO_URL: the backend learns Label Studio's address and token from /setup
     settings = make_settings(base_pipeline, tmp_path)
     prompts = PromptsFile(**ALL_BOXES, labels={"Car": ["car"], "Person": ["person"]})
-    server = RunningServer(create_app(Pipeline(base_pipeline.detector, None, prompts, settings, classifiers["clip"])))
+    server = RunningServer(create_app(Engine(base_pipeline.detector, None, prompts, settings, classifiers["clip"])))
     try:
         ls = LabelStudio(base_url=label_studio, api_key=LEGACY_TOKEN)
         project = ls.projects.create(title="two-stage", label_config=TWO_STAGE)

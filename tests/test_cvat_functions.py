@@ -29,7 +29,7 @@ from ml_backend.cvat.auto_annotation import parse_shapes
 from ml_backend.cvat.serverless import SHAPE_ENV, DetectorFunction
 from ml_backend.errors import ConfigError
 from ml_backend.ontology import PromptsFile
-from ml_backend.pipeline import Pipeline
+from ml_backend.engine import Engine
 from ml_backend.settings import Settings, environment_variables
 
 from .conftest import encode, make_image
@@ -150,7 +150,7 @@ def test_detector_names_unknown_labels_and_keeps_serving(detector):
 
 def test_mask_detector_masks_decode_back_to_the_pipelines_masks(base_pipeline, tmp_path):
     prompts = PromptsFile.load(FUNCTIONS / "grounding_dino" / "prompts.yaml")
-    pipeline = Pipeline(base_pipeline.detector, base_pipeline.segmenter, prompts, Settings(model_dir=tmp_path))
+    pipeline = Engine(base_pipeline.detector, base_pipeline.segmenter, prompts, Settings(model_dir=tmp_path))
     image = make_image(160, 120, seed=3)
     array = np.array(image)
     for shape_type in ("mask", "polygon"):
@@ -164,7 +164,7 @@ def test_mask_detector_masks_decode_back_to_the_pipelines_masks(base_pipeline, t
 
 
 def test_mask_detector_needs_a_segmenter(base_pipeline, tmp_path):
-    pipeline = Pipeline(base_pipeline.detector, None, PromptsFile(labels={"Car": "car"}), Settings(model_dir=tmp_path))
+    pipeline = Engine(base_pipeline.detector, None, PromptsFile(labels={"Car": "car"}), Settings(model_dir=tmp_path))
     with pytest.raises(ConfigError, match="without a segmenter"):
         DetectorFunction(pipeline, "mask")
     with pytest.raises(ConfigError, match="not one of"):
@@ -189,9 +189,9 @@ def test_interactor_takes_a_box_with_or_without_clicks_and_reuses_the_embedding(
     image = b64(make_image(120, 90, seed=5))
     first = interactor({"image": image, "pos_points": [], "neg_points": [], "obj_bbox": [[100, 80], [10, 5]]})
     assert first[0] == 200 and np.array(first[1]["mask"]).shape == (90, 120)
-    cache = interactor.function.segmenter.cache_info()
+    cache = interactor.function.engine.segmenter.cache_info()
     status, _ = interactor({"image": image, "pos_points": [[50, 40]], "neg_points": [[5, 5]], "obj_bbox": [[10, 5], [100, 80]]})
-    after = interactor.function.segmenter.cache_info()
+    after = interactor.function.engine.segmenter.cache_info()
     assert status == 200 and after["hits"] == cache["hits"] + 1 and after["misses"] == cache["misses"]
 
 
@@ -377,7 +377,7 @@ def remap(function, shapes, conv_mask_to_poly=False, ds_type="any"):
 def test_auto_annotation_module_detects_rectangles_cvat_accepts(auto_annotation):
     function = auto_annotation()
     assert [(label.name, label.type) for label in function.spec.labels] == [(n, "rectangle") for n in LABELS]
-    assert function.pipeline.segmenter is None, "boxes only: SAM is not loaded"
+    assert function.engine.segmenter is None, "boxes only: SAM is not loaded"
     image = make_image(160, 120, seed=3)
     shapes = function.detect(Context(conf_threshold=0.0), image)
     assert shapes and all(s.type.value == "rectangle" for s in shapes)
@@ -436,14 +436,14 @@ def test_interaction_function_encodes_once_and_returns_a_mask_with_confidence(ti
     context = type("Context", (InteractionFunctionContext,), {})()  # what the agent passes: no members yet
     image = make_image(120, 90, seed=6)
     prepared = function.preprocess_image(context, image)
-    assert function.segmenter.cache_info()["misses"] == 1
+    assert function.engine.segmenter.cache_info()["misses"] == 1
     for prompts in (Prompts(pos=[(30, 30)]), Prompts(box=((5, 5), (100, 80))), Prompts(pos=[(30, 30)], neg=[(2, 2)])):
         shapes = function.detect(context, prepared, prompts)
         assert len(shapes) <= 1
         for shape in shapes:
             assert shape.type == "mask" and decode_mask(shape.points, image_width=120, image_height=90).any()
             assert shape.attributes[0].spec_id == 0 and 0 <= float(shape.attributes[0].value) <= 1
-    assert function.segmenter.cache_info()["misses"] == 1, "clicks reuse the embedding"
+    assert function.engine.segmenter.cache_info()["misses"] == 1, "clicks reuse the embedding"
     assert function.detect(context, prepared, Prompts()) == []
 
 

@@ -174,6 +174,7 @@ def tensors(records: list[LabeledImage], size: int = 64) -> TensorSet:
     return TensorSet.from_arrays(arrays, [r.annotations for r in records], list(SHAPES), size, augment=True)
 
 
+@pytest.mark.slow  # three short trainings
 def test_an_interrupted_training_resumes_exactly_where_it_stopped(shapes, tmp_path):
     _, records = shapes
     config = StudentConfig(classes=list(SHAPES), image_size=64, fpn_channels=32)
@@ -197,6 +198,7 @@ def test_an_interrupted_training_resumes_exactly_where_it_stopped(shapes, tmp_pa
         train(tmp_path / "part", other, data, val, options, torch.device("cpu"), show_progress=False)
 
 
+@pytest.mark.slow  # a short training
 def test_training_stops_early_when_validation_stops_improving(shapes, tmp_path):
     _, records = shapes
     config = StudentConfig(classes=list(SHAPES), image_size=64, fpn_channels=32)
@@ -221,17 +223,17 @@ def test_the_student_pre_annotates_label_studio_tasks_through_predict(shapes, st
     from label_studio_sdk.label_interface import LabelInterface
 
     from ml_backend.labelstudio.server import create_app
-    from ml_backend.pipeline import Pipeline
+    from ml_backend.engine import Engine
     from ml_backend.settings import Settings
 
     root, records = shapes
     out, _ = student
     settings = Settings(detector=f"student:{out}", segmenter="", model_dir=tmp_path, local_files_document_root=root,
                         prompts=None)
-    pipeline = Pipeline.from_settings(settings)
+    pipeline = Engine.from_settings(settings)
     assert isinstance(pipeline.detector, StudentDetector) and pipeline.detector.runtime == "onnx"
     # a version computed without loading the student (as the Ray driver does) is the served one
-    assert Pipeline.from_settings(settings, load=False).base_version == pipeline.base_version
+    assert Engine.from_settings(settings, load=False).base_version == pipeline.base_version
     assert StudentDetector(out, runtime="torch").model_id == pipeline.detector.model_id
     from ml_backend.workbench import model_key
 
@@ -299,6 +301,7 @@ def test_the_student_answers_the_cvat_detector_function(shapes, student, tmp_pat
     (["distill", "--coco", "x.json"], "--coco needs --images"),
     (["distill", "--coco", "x.json", "--images", ".", "--target", "yolov8"], "supported: fcos-resnet18"),
     (["distill", "--coco", "missing.json", "--images", "."], "missing.json"),
+    (["distill", "--coco", "x.json", "--images", ".", "--teacher", "./no-such-teacher"], "no-such-teacher' does not exist"),
 ])
 def test_distill_names_usage_errors(args, problem):
     result = CliRunner().invoke(app, args)
@@ -323,7 +326,7 @@ def test_start_training_from_label_studio_distills_in_the_background(label_studi
     from ml_backend.labelstudio.convert import detections_to_results
     from ml_backend.labelstudio.config import parse_config
     from ml_backend.labelstudio.server import create_app
-    from ml_backend.pipeline import Pipeline
+    from ml_backend.engine import Engine
     from ml_backend.settings import Settings
 
     _, records = shapes
@@ -346,7 +349,7 @@ def test_start_training_from_label_studio_distills_in_the_background(label_studi
     settings = Settings(detector=base_pipeline.detector.model_id, segmenter="", model_dir=tmp_path,
                         label_studio_url=label_studio, label_studio_api_key=LEGACY_TOKEN,
                         distill_args="--epochs 1 --image-size 64 --pretrained scratch --no-export --batch-size 4")
-    server = RunningServer(create_app(Pipeline(base_pipeline.detector, None, PromptsFile(), settings)))
+    server = RunningServer(create_app(Engine(base_pipeline.detector, None, PromptsFile(), settings)))
     try:
         ml = ls.ml.create(url=server.url, project=project.id, title="prelabel")
         ls.ml.train(id=ml.id)  # Label Studio sends START_TRAINING to /webhook
@@ -388,3 +391,36 @@ def test_pretrained_backbone_weights_come_from_the_torch_cache_never_from_the_ne
     cached.touch()
     assert backbone_weights("auto") is ResNet18_Weights.IMAGENET1K_V1
     assert backbone_weights("imagenet") is ResNet18_Weights.IMAGENET1K_V1
+
+
+@pytest.mark.parametrize("kind", ["owlv2", "grounding-dino"])
+def test_a_teacher_model_is_evaluated_through_the_engine_on_the_held_out_images(shapes, student, kind, tmp_path):
+    """Any registered text-prompted detector can be the teacher: it runs through the engine on the validation
+    images, and its figures equal an independent COCO evaluation of the same model's own detections."""
+    from ml_backend.distill.run import evaluate_model
+    from ml_backend.engine import Engine
+    from ml_backend.media import decode_image
+    from ml_backend.models import build_detector
+    from ml_backend.models.tiny import write_tiny_kinds
+    from ml_backend.settings import Settings
+
+    root, records = shapes
+    out, _ = student
+    val_keys = set(json.loads((out / "split.json").read_text())["val"])
+    val = [Example(r, r.annotations, "annotation") for r in records if r.key in val_keys]
+    ref = write_tiny_kinds(tmp_path, [kind])[kind]
+    detector = build_detector(ref, tmp_path, torch.device("cpu"))
+    prompts = PromptsFile(box_threshold=0.0, text_threshold=0.0, labels={"circle": ["circle", "round"]})
+    teacher = Engine(detector, None, prompts, Settings(model_dir=tmp_path))
+    ontology = teacher.ontology(list(SHAPES))
+
+    def load(record):
+        return decode_image(Path(record.image).read_bytes(), record.image, 10**8).array
+
+    report = evaluate_model(teacher, ontology, val, load, list(SHAPES))
+    assert report["images"] == len(val) and report["failed_images"] == 0
+    assert report["model_version"] == teacher.model_version(ontology) and kind in report["model_version"]
+    own = [detector.detect([load(e.record)], ontology)[0] for e in val]
+    independent = coco_evaluate([e.truth for e in val], own, list(SHAPES), [(SIZE, SIZE)] * len(val))
+    assert report["map"] == pytest.approx(independent.map) and report["map50"] == pytest.approx(independent.map50)
+    assert sum(len(d) for d in own) > 0, "the tiny teacher's detections reach the evaluation"

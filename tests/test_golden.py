@@ -92,9 +92,9 @@ def assert_same(got, want, where="$"):
 def make_app(settings):
     """The Label Studio server as `prelabel serve` builds it."""
     from ml_backend.labelstudio.server import create_app
-    from ml_backend.pipeline import Pipeline
+    from ml_backend.engine import Engine
 
-    return create_app(Pipeline.from_settings(settings))
+    return create_app(Engine.from_settings(settings))
 
 
 @pytest.fixture(scope="module")

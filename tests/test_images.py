@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from ml_backend.errors import ImageAuthError, ImageFetchError, ImageTooLargeError
-from ml_backend.images import ImageLoader
+from ml_backend.labelstudio.images import LabelStudioImageSource
 from ml_backend.settings import Settings
 
 from .conftest import ACCESS, LEGACY_TOKEN, PAT
 
 
-def loader(**values) -> ImageLoader:
-    return ImageLoader(Settings(**values))
+def loader(**values) -> LabelStudioImageSource:
+    return LabelStudioImageSource(Settings(**values))
 
 
 @pytest.mark.parametrize("key, header", [(LEGACY_TOKEN, f"Token {LEGACY_TOKEN}"), (PAT, f"Bearer {ACCESS}")])

@@ -327,12 +327,12 @@ def test_data_uri_images_are_accepted(http, backend):
 
 def test_segmenter_free_server_still_fills_boxes_and_explains_masks(http, base_pipeline, tmp_path):
     from ml_backend.labelstudio.server import create_app
-    from ml_backend.pipeline import Pipeline
+    from ml_backend.engine import Engine
 
     from .conftest import RunningServer, make_settings
 
     settings = make_settings(base_pipeline, tmp_path, label_studio_url="http://127.0.0.1:1")
-    server = RunningServer(create_app(Pipeline(base_pipeline.detector, None, PromptsFile(), settings)))
+    server = RunningServer(create_app(Engine(base_pipeline.detector, None, PromptsFile(), settings)))
     try:
         uri = "data:image/png;base64," + base64.b64encode(encode(make_image(50, 40))).decode()
         config = '<View><Image name="i" value="$img"/><RectangleLabels name="r" toName="i"><Label value="Car"/></RectangleLabels></View>'

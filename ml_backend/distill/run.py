@@ -16,12 +16,15 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..engine import Engine, RequestSpec
 from ..evaluation import coco_evaluate
 from ..jobs import STATE_FILE
 from ..models import pick_device
 from ..models.loading import hub_offline
 from ..models.student import StudentConfig, StudentDetector
-from ..ontology import LabelSpec, Ontology
+from ..media import MediaItem
+from ..ontology import LabelSpec, Ontology, PromptsFile
+from ..settings import Settings
 from ..types import LabeledImage
 from .dataset import DistillError, Example, TensorSet, stratified_split, training_examples, write_coco
 from .onnx_export import export_onnx, speed_table, write_model_card
@@ -126,10 +129,11 @@ def distill(
     options: DistillOptions,
     source: str,
     show_progress: bool = True,
+    teacher: Engine | None = None,
 ) -> dict:
     """Trains, exports and evaluates a student from `records` (their annotations; see `training_examples`),
-    evaluating the records' stored predictions (the teacher) on the same validation images. Returns the report
-    (also written to `out/report.json`)."""
+    evaluating the teacher on the same validation images: `teacher` run through the engine when given, else the
+    records' stored predictions. Returns the report (also written to `out/report.json`)."""
     out.mkdir(parents=True, exist_ok=True)
     if not options.resume:
         for name in ("checkpoints/last.pt", SPLIT_FILE):
@@ -191,7 +195,10 @@ def distill(
 
     write_state(out, state="evaluating")
     report["student"] = evaluate_student(out, val_ex, load, classes, options.train.eval_threshold)
-    report["teacher"] = evaluate_teacher(val_ex, val_sizes, classes)
+    if teacher is not None:
+        report["teacher"] = evaluate_model(teacher, teacher.ontology(classes), val_ex, load, classes)
+    else:
+        report["teacher"] = evaluate_teacher(val_ex, val_sizes, classes)
     if report["teacher"]:
         report["student_vs_teacher"] = {
             "map": round(report["student"]["map"] - report["teacher"]["map"], 4),
@@ -204,19 +211,31 @@ def distill(
     return report
 
 
-def evaluate_student(directory: Path, examples: list[Example], load: Callable[[LabeledImage], np.ndarray],
-                     classes: list[str], threshold: float) -> dict:
-    """The served path: `StudentDetector` (ONNX Runtime when exported) on the original validation images, loaded
-    again one at a time."""
-    detector = StudentDetector(directory)
-    ontology = Ontology(tuple(LabelSpec(c, (c.casefold(),), threshold) for c in classes), nms_iou=0.6)
-    predictions, sizes = [], []
+def evaluate_model(engine: Engine, ontology: Ontology, examples: list[Example],
+                   load: Callable[[LabeledImage], np.ndarray], classes: list[str]) -> dict:
+    """A detector through the engine (the path every entrance takes) on the original validation images, loaded
+    again one at a time; an image it fails on counts as one with no detections, and is counted."""
+    predictions, sizes, failed = [], [], 0
     for e in examples:
         array = load(e.record)
-        predictions += detector.detect([array], ontology)
+        result = engine.run([MediaItem(array, e.record.image)], RequestSpec(ontology))[0]
+        if result.error is not None:
+            log.warning("%s", result.error)
+            failed += 1
+        predictions.append(result.detections)
         sizes.append((array.shape[1], array.shape[0]))
     result = coco_evaluate([e.truth for e in examples], predictions, classes, sizes)
-    return result.as_dict() | {"runtime": detector.runtime, "model_id": detector.model_id}
+    return result.as_dict() | {"model_id": engine.detector.model_id, "model_version": engine.model_version(ontology),
+                               "failed_images": failed}
+
+
+def evaluate_student(directory: Path, examples: list[Example], load: Callable[[LabeledImage], np.ndarray],
+                     classes: list[str], threshold: float) -> dict:
+    """The served path: `StudentDetector` (ONNX Runtime when exported) through the engine."""
+    detector = StudentDetector(directory)
+    ontology = Ontology(tuple(LabelSpec(c, (c.casefold(),), threshold) for c in classes), nms_iou=0.6)
+    engine = Engine(detector, None, PromptsFile(), Settings())
+    return evaluate_model(engine, ontology, examples, load, classes) | {"runtime": detector.runtime}
 
 
 def evaluate_teacher(examples: list[Example], sizes: list[tuple[int, int]], classes: list[str]) -> dict | None:

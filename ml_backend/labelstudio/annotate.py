@@ -17,9 +17,11 @@ from typing import Callable
 from urllib.parse import quote
 
 from .. import coco
+from ..engine import Engine
 from ..errors import ConfigError, PrelabelError
-from ..images import LoadedImage
+from ..media import MediaItem
 from ..runner import Report, chunks, run_batches
+from ..settings import Settings
 from .backend import LabelStudioBackend
 from .config import parse_config
 from .stack import label_config
@@ -87,6 +89,20 @@ def push_predictions(client, project_id: int, tasks: list[dict], entries: list[d
         client.projects.import_predictions(id=project_id, request=predictions)
 
 
+class TaskPredictor:
+    """Label Studio tasks of one label config through the engine, where the engine runs elsewhere (a Ray actor):
+    `functools.partial(TaskPredictor, settings)` is what `engines.ray_engine` builds in each actor."""
+
+    def __init__(self, settings: Settings, config_xml: str):
+        self.backend = LabelStudioBackend.for_batch(Engine.from_settings(settings))
+        self.config = parse_config(config_xml)
+        self.ontology = self.backend.ontology_for(self.config)
+        self.version = self.backend.version_for(self.config, self.ontology)
+
+    def __call__(self, tasks: list[dict]) -> list[dict]:
+        return self.backend.predict_tasks(tasks, self.config, self.ontology, self.version)
+
+
 def annotate_project(
     client,
     project_id: int,
@@ -97,7 +113,8 @@ def annotate_project(
     engine: Callable | None = None,
 ) -> Report:
     """Pre-annotate every pending task of a project. `engine(todo, config_xml, sink, report)` runs the batches
-    elsewhere (Ray); by default they run here, images of the next batches fetched while the model runs."""
+    elsewhere (Ray actors, each with a `TaskPredictor` of the config); by default they run here, images of the next
+    batches fetched while the model runs."""
     project = open_project(client, project_id)
     config = parse_config(project.label_config)
     ontology = backend.ontology_for(config)
@@ -184,7 +201,7 @@ def annotate_folder(
         raise ConfigError(f"{folder} is not strictly below LOCAL_FILES_DOCUMENT_ROOT {root} (as Label Studio requires)")
     out = folder_output(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    xml = label_config(backend.pipeline.ontology(), masks=backend.pipeline.segmenter is not None)
+    xml = label_config(backend.engine.ontology(), masks=backend.engine.segmenter is not None)
     out.label_config.write_text(xml + "\n")
     config = parse_config(xml)
     ontology = backend.ontology_for(config)
@@ -199,7 +216,7 @@ def annotate_folder(
     report = Report(total=len(todo), skipped={"already predicted": len(done)}, model_version=version)
     annotations: dict[int, tuple[int, int, list[dict]]] = {}
 
-    def on_image(i: int, key: str, image: LoadedImage, detections) -> None:
+    def on_image(i: int, key: str, image: MediaItem, detections) -> None:
         annotations[i] = (image.width, image.height, coco.annotations(detections, 0, ontology.names))
 
     def infer(loaded):
