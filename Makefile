@@ -8,7 +8,12 @@ IMAGES ?= images
 PORT ?= 9090
 HOST ?= 127.0.0.1
 
-.PHONY: install up serve test tiny-models bench browser review
+.PHONY: install up serve test test-fast tiny-models bench bench-smoke browser review
+
+# What `make test-fast` leaves out (markers set in tests/conftest.py): Label Studio, the browser, MongoDB, Ray and long
+# training / end-to-end runs. `make test` runs everything.
+FAST := not (label_studio or browser or mongodb or ray or slow)
+BENCHMARKS := run annotate ray_scaling review two_stage distill load
 
 install: $(STAMP)
 
@@ -31,13 +36,25 @@ browser:
 	command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 test: $(STAMP) browser
-	HF_HUB_OFFLINE=1 FIFTYONE_DO_NOT_TRACK=true $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 FIFTYONE_DO_NOT_TRACK=true $(BIN)/python -m pytest -q -rs
+
+# The fast subset (under 3 minutes on 2 cores): no Label Studio, browser, MongoDB or Ray, no long training run.
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 FIFTYONE_DO_NOT_TRACK=true $(BIN)/python -m pytest -q -rs -m "$(FAST)"
 
 tiny-models: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/prelabel dev tiny-models .prelabel/tiny-models
 
 bench: $(STAMP)
-	rc=0; for b in run annotate ray_scaling review two_stage distill; do HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.$$b || rc=1; done; exit $$rc
+	rc=0; for b in $(BENCHMARKS); do HF_HUB_OFFLINE=1 $(BIN)/python -m benchmarks.$$b || rc=1; done; exit $$rc
+
+# Every benchmark's --smoke run (tiny models, seconds each; JSON under benchmarks/results/smoke/): fails when one fails.
+bench-smoke: $(STAMP)
+	@mkdir -p benchmarks/results; rc=0; for b in $(BENCHMARKS); do start=$$(date +%s); \
+	  if HF_HUB_OFFLINE=1 FIFTYONE_DO_NOT_TRACK=true $(BIN)/python -m benchmarks.$$b --smoke >benchmarks/results/smoke-$$b.log 2>&1; \
+	  then echo "bench-smoke $$b: ok ($$(( $$(date +%s) - start )) s)"; \
+	  else rc=1; echo "bench-smoke $$b: FAILED ($$(( $$(date +%s) - start )) s), its output:"; cat benchmarks/results/smoke-$$b.log; fi; \
+	done; exit $$rc
 
 review: $(STAMP)
 	FIFTYONE_DO_NOT_TRACK=true $(BIN)/prelabel review --project $(PROJECT) --app

@@ -50,6 +50,7 @@ def test_serve_fails_at_once_with_one_line_when_weights_are_missing(tmp_path):
     assert "MODEL_DIR" in done.stderr
 
 
+@pytest.mark.slow  # a full-size SAM ViT-B, built and run at 1024 px
 def test_original_sam_checkpoints_load_through_segment_anything(tmp_path):
     segment_anything = pytest.importorskip("segment_anything")
     from ml_backend.models import build_segmenter

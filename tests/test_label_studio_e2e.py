@@ -147,6 +147,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is installed by `make test`")
 def test_labeling_page_shows_our_prediction_regions(label_studio, ls, connected):
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright

@@ -17,6 +17,8 @@ from .conftest import encode, free_port, make_image
 pytest.importorskip("label_studio", reason="Label Studio is installed by the project's test extra")
 from label_studio_sdk.client import LabelStudio  # noqa: E402
 
+pytestmark = [pytest.mark.label_studio, pytest.mark.slow]  # `prelabel up` starts Label Studio in its subprocess
+
 
 def run_up(images, data_dir, port, backend_port):
     prompts = data_dir.parent / "prompts.yaml"
