@@ -26,7 +26,7 @@ from ml_backend.labelstudio.server import create_app
 from ml_backend.labelstudio.stack import Credentials, LabelStudioProcess
 from ml_backend.models.tiny import write_tiny_models
 from ml_backend.ontology import PromptsFile
-from ml_backend.pipeline import Pipeline
+from ml_backend.engine import Engine
 from ml_backend.settings import Settings
 
 USER, PASSWORD = "prelabel@example.com", "prelabel-test-pass"
@@ -44,6 +44,52 @@ CONFIG = """<View>
   <KeyPointLabels name="kp" toName="image" smart="true"><Label value="Car"/><Label value="Person"/></KeyPointLabels>
   <TextArea name="prompt" toName="image"/>
 </View>"""
+
+
+# Markers a test gets from the fixtures it uses (directly or through other fixtures), so that `make test-fast`
+# (`-m "not (label_studio or browser or mongodb or ray or slow)"`) leaves out what needs those services. What no
+# fixture shows (a subprocess that starts Label Studio, a browser) is marked in its module (`pytestmark`) or on the test.
+FIXTURE_MARKERS = {
+    "label_studio": "label_studio",  # the real Label Studio below
+    "mongodb": "mongodb",  # tests/test_review.py: FiftyOne's database
+    "local_ray": "ray",  # tests/test_ray_engine.py
+    "student": "slow",  # tests/test_distill.py: a student trained through the CLI (a minute on 2 quiet cores)
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for fixture, marker in FIXTURE_MARKERS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """PRELABEL_NO_SKIPS=1 (set by .ci/run): a skipped test fails the run, so that CI's `make test` really runs every
+    test (Label Studio, Chromium, MongoDB and Ray are all installed there). `-rs` lists what was skipped and why."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if os.environ.get("PRELABEL_NO_SKIPS") == "1" and skipped and exitstatus == pytest.ExitCode.OK:
+        reporter.write_line(f"PRELABEL_NO_SKIPS=1: {len(skipped)} test(s) skipped, which fails this run", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(autouse=True)
+def _marked_if_it_starts_a_service(request):
+    """A test that starts MongoDB or Ray without its marker would run, unseen, in the fast subset: fail it instead.
+    (Label Studio and the browser are started only by their fixtures and marked tests.)"""
+    import sys
+
+    def running() -> dict[str, bool]:
+        ray, database = sys.modules.get("ray"), sys.modules.get("fiftyone.core.odm.database")
+        return {"ray": bool(ray and ray.is_initialized()),
+                "mongodb": bool(database and getattr(database, "_db_service", None) is not None)}
+
+    before = running()
+    yield
+    for service, now in running().items():
+        if now and not before[service] and not request.node.get_closest_marker(service):
+            pytest.fail(f"{request.node.nodeid} starts {service} without the `{service}` marker (use its fixture)")
 
 
 def free_port() -> int:
@@ -196,16 +242,16 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def base_pipeline(tiny_models, tmp_path_factory) -> Pipeline:
+def base_pipeline(tiny_models, tmp_path_factory) -> Engine:
     settings = Settings(
         detector=str(tiny_models["detector"]),
         segmenter=str(tiny_models["segmenter"]),
         model_dir=tmp_path_factory.mktemp("model-dir"),
     )
-    return Pipeline.from_settings(settings)
+    return Engine.from_settings(settings)
 
 
-def make_settings(pipeline: Pipeline, tmp_path: Path, **overrides) -> Settings:
+def make_settings(pipeline: Engine, tmp_path: Path, **overrides) -> Settings:
     values = dict(
         detector=pipeline.detector.model_id,
         segmenter=pipeline.segmenter.model_id,
@@ -241,7 +287,7 @@ def start_backend(base_pipeline, tmp_path):
 
     def start(prompts: PromptsFile | None = None, **overrides) -> RunningServer:
         settings = make_settings(base_pipeline, tmp_path, **overrides)
-        pipeline = Pipeline(base_pipeline.detector, base_pipeline.segmenter, prompts or PromptsFile(), settings)
+        pipeline = Engine(base_pipeline.detector, base_pipeline.segmenter, prompts or PromptsFile(), settings)
         servers.append(RunningServer(create_app(pipeline)))
         return servers[-1]
 

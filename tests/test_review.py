@@ -35,6 +35,11 @@ def fiftyone_db(tmp_path_factory):
 
 
 @pytest.fixture
+def mongodb(fiftyone_db):
+    """For a test that uses the module's MongoDB (FiftyOne starts it at the first dataset call): marks it `mongodb`."""
+
+
+@pytest.fixture
 def images(tmp_path) -> Path:
     folder = tmp_path / "images"
     folder.mkdir()
@@ -70,11 +75,11 @@ def rect(label: str, x: float, y: float, bw: float, bh: float, w: int, h: int, s
     return region("rectanglelabels", value, w, h, score)
 
 
-def test_a_label_studio_project_becomes_a_dataset_refreshed_without_duplicates(label_studio, image_dir, tmp_path):
+def test_a_label_studio_project_becomes_a_dataset_refreshed_without_duplicates(mongodb, label_studio, image_dir, tmp_path):
     import fiftyone as fo
     from label_studio_sdk.client import LabelStudio
 
-    from ml_backend.images import ImageLoader
+    from ml_backend.labelstudio.images import LabelStudioImageSource
     from ml_backend.labelstudio.records import project_records
     from ml_backend.labelstudio.views import create_review_tab
     from ml_backend.review import run_review
@@ -119,7 +124,7 @@ def test_a_label_studio_project_becomes_a_dataset_refreshed_without_duplicates(l
     np.testing.assert_allclose(second.annotations.xyxy, [[12, 20, 72, 100]], atol=1.5)
     assert by_key[str(tids[2])].annotations is None
 
-    loader = ImageLoader(Settings(label_studio_url=label_studio, label_studio_api_key=LEGACY_TOKEN))
+    loader = LabelStudioImageSource(Settings(label_studio_url=label_studio, label_studio_api_key=LEGACY_TOKEN))
     name = unique("ls-review")
     report = run_review(records, name, tmp_path / "cache", loader, console=False)
     assert report.build.added == 3 and report.build.total == 3
@@ -170,7 +175,7 @@ def test_a_label_studio_region_that_cannot_be_read_is_named_with_its_task_and_la
 # -- COCO and CVAT -----------------------------------------------------------------------------------------------
 
 
-def test_a_coco_export_with_polygons_rle_and_predictions_becomes_a_dataset(images, tmp_path):
+def test_a_coco_export_with_polygons_rle_and_predictions_becomes_a_dataset(mongodb, images, tmp_path):
     import fiftyone as fo
     from pycocotools import mask as mask_utils
 
@@ -244,7 +249,7 @@ def cvat_xml(path: Path) -> Path:
     return path
 
 
-def test_a_cvat_xml_export_with_boxes_polygons_and_masks_becomes_a_dataset(images, tmp_path):
+def test_a_cvat_xml_export_with_boxes_polygons_and_masks_becomes_a_dataset(mongodb, images, tmp_path):
     import fiftyone as fo
 
     from ml_backend.cvat.records import cvat_xml_records
@@ -310,7 +315,7 @@ def embedder(tiny_models, tmp_path_factory):
     return EncoderEmbedder(segmenter)
 
 
-def test_injected_label_errors_fill_the_views_and_the_flagged_links(embedder, tmp_path):
+def test_injected_label_errors_fill_the_views_and_the_flagged_links(mongodb, embedder, tmp_path):
     import fiftyone as fo
 
     from ml_backend.review import run_review
@@ -408,7 +413,7 @@ def test_label_statistics_on_a_known_dataset_and_plots(tmp_path, capsys):
 # -- the command ---------------------------------------------------------------------------------------------------
 
 
-def test_the_review_command_reads_a_cvat_export_and_writes_flagged_tasks_and_plots(images, tiny_models, tmp_path):
+def test_the_review_command_reads_a_cvat_export_and_writes_flagged_tasks_and_plots(mongodb, images, tiny_models, tmp_path):
     from typer.testing import CliRunner
 
     from ml_backend.cli import app
@@ -436,7 +441,7 @@ def test_the_review_command_names_a_missing_source(tmp_path):
     assert result.exit_code == 2 and "cannot read COCO file" in result.output
 
 
-def test_a_configured_clip_model_embeds_images_and_object_crops(images, tmp_path):
+def test_a_configured_clip_model_embeds_images_and_object_crops(mongodb, images, tmp_path):
     from typer.testing import CliRunner
 
     from ml_backend.cli import app
