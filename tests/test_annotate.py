@@ -15,7 +15,7 @@ from ml_backend.cli import app
 from ml_backend.labelstudio.annotate import annotate_project, image_files
 from ml_backend.labelstudio.rank import rank_project
 from ml_backend.labelstudio.backend import LabelStudioBackend
-from ml_backend.pipeline import Pipeline
+from ml_backend.engine import Engine
 from ml_backend.settings import Settings
 
 from .conftest import LEGACY_TOKEN, encode, make_image
@@ -71,7 +71,7 @@ def backend(label_studio, tiny_models, tmp_path) -> LabelStudioBackend:
     """Fetches images through Label Studio's HTTP API, as against a remote instance."""
     settings = Settings(detector=str(tiny_models["detector"]), segmenter="", label_studio_url=label_studio,
                         label_studio_api_key=LEGACY_TOKEN, model_dir=tmp_path / "models", batch_size=4)
-    return LabelStudioBackend.for_batch(Pipeline.from_settings(settings))
+    return LabelStudioBackend.for_batch(Engine.from_settings(settings))
 
 
 def cli_args(label_studio, tiny_models, *extra) -> list[str]:

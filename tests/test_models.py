@@ -56,7 +56,7 @@ def test_uncached_hub_model_fails_at_once_naming_model_and_model_dir(tmp_path, m
     start = time.monotonic()
     with pytest.raises(ModelUnavailableError) as err:
         build_detector("IDEA-Research/grounding-dino-tiny", tmp_path / "models", torch.device("cpu"))
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 30, "fails at once (a hub lookup would hang for minutes)"
     message = str(err.value)
     assert "'IDEA-Research/grounding-dino-tiny'" in message and "HF_HUB_OFFLINE" in message
     assert str(tmp_path / "models" / "grounding-dino-tiny") in message and "\n" not in message
@@ -69,7 +69,7 @@ def test_unreachable_hub_fails_fast_without_offline_mode(tmp_path, monkeypatch):
     start = time.monotonic()
     with pytest.raises(ModelUnavailableError, match="cannot be reached"):
         build_segmenter("facebook/sam-vit-base", tmp_path, torch.device("cpu"))
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 30, "fails at once (a hub lookup would hang for minutes)"
 
 
 def test_models_are_found_under_model_dir_by_name(tiny_models, tmp_path):

@@ -21,7 +21,7 @@ from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
 from ..ontology import Ontology
 from .features import FeatureMap, embed_feature_map
-from .prompted import merge, score_boxes, to_pixels
+from .prompted import merge, nothing_to_run, prompt_labels, score_boxes, to_pixels
 from .registry import BOXES, DETECTOR, EMBEDDER, EMBEDDINGS, TEXT_PROMPTS, register
 from .tiny import write_tiny_detector
 
@@ -113,16 +113,12 @@ class GroundingDinoDetector:
         return outputs.logits.sigmoid().float().cpu(), outputs.pred_boxes.float().cpu()
 
     def detect(self, images: list[np.ndarray], ontology: Ontology) -> list[sv.Detections]:
-        pairs = ontology.prompts
-        if not images:
-            return []
-        if not pairs:
-            return [sv.Detections.empty() for _ in images]
-        label_of = dict(pairs)
+        if (answer := nothing_to_run(images, ontology)) is not None:
+            return answer
         candidates: list[list[dict]] = [[] for _ in images]
-        for group in self.captions([p for p, _ in pairs]):
+        for group in self.captions([p for p, _ in ontology.prompts]):
             caption, spans = self._spans(group)
-            labels = torch.tensor([label_of[p] for p in group])
+            labels = prompt_labels(group, ontology)
             for batch in self._batches(images):
                 with self._lock:
                     probs, boxes = self._forward([images[i] for i in batch], caption)

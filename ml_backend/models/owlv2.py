@@ -24,7 +24,7 @@ from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
 from ..ontology import Ontology
 from .features import FeatureMap, embed_feature_map
-from .prompted import merge, score_boxes, to_pixels
+from .prompted import merge, nothing_to_run, prompt_labels, score_boxes, to_pixels
 from .registry import BOXES, DETECTOR, EMBEDDER, EMBEDDINGS, TEXT_PROMPTS, register
 from .tiny import write_tiny_owl
 
@@ -62,15 +62,11 @@ class OwlDetector:
         return outputs.logits.sigmoid().float().cpu(), outputs.pred_boxes.float().cpu()
 
     def detect(self, images: list[np.ndarray], ontology: Ontology) -> list[sv.Detections]:
-        pairs = ontology.prompts
-        if not images:
-            return []
-        if not pairs:
-            return [sv.Detections.empty() for _ in images]
-        label_of = dict(pairs)
-        prompts = [p for p, _ in pairs]
+        if (answer := nothing_to_run(images, ontology)) is not None:
+            return answer
+        prompts = [p for p, _ in ontology.prompts]
         self._check(prompts)
-        labels = torch.tensor([label_of[p] for p in prompts])
+        labels = prompt_labels(prompts, ontology)
         out = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]

@@ -17,6 +17,19 @@ from ..ontology import Ontology
 from ..types import NEAR_MISS_BAND, NEAR_MISSES, PROMPT, RUNNER_UP, SYNONYM_SPREAD, make_detections
 
 
+def nothing_to_run(images: list[np.ndarray], ontology: Ontology) -> list[sv.Detections] | None:
+    """The answer when the model has nothing to look at (no images) or for (no prompts); None otherwise."""
+    if not images:
+        return []
+    return None if ontology.prompts else [sv.Detections.empty() for _ in images]
+
+
+def prompt_labels(prompts: list[str], ontology: Ontology) -> torch.Tensor:
+    """The ontology label index of each prompt."""
+    label_of = dict(ontology.prompts)
+    return torch.tensor([label_of[p] for p in prompts])
+
+
 def to_pixels(cxcywh: torch.Tensor, scale: tuple[float, float], hw: tuple[int, int]) -> torch.Tensor:
     """Relative (cx, cy, w, h) boxes -> absolute xyxy: times `scale` (x, y) pixels, clipped to the image `hw`."""
     sx, sy = scale

@@ -63,6 +63,24 @@ def choose_multimask(boxes, points) -> bool:
     return boxes is None and points is not None and len(points) == 1
 
 
+class CachedEncoding:
+    """Per-image encoder state (`_encode`) kept in an LRU (`cache`), so that a further prompt on the same image
+    costs only the mask decoder."""
+
+    cache: EmbeddingCache
+
+    def _encode(self, image: np.ndarray) -> Any: ...
+
+    def cache_info(self) -> dict:
+        return self.cache.info()
+
+    def prepare(self, image: np.ndarray) -> None:
+        self._embedding(image)
+
+    def _embedding(self, image: np.ndarray) -> Any:
+        return self.cache.get_or_compute(image_key(image), lambda: self._encode(image))
+
+
 class HeadByHeadGlobalAttention(SamVisionSdpaAttention):
     """SAM's global attention one head at a time. All heads at once materialise a relative-position bias of
     heads x (HW)^2 floats (805 MB per layer for SAM-B at 1024 px); one head needs a twelfth of it. Same math."""
@@ -91,7 +109,7 @@ def lean_global_attention(model: SamModel) -> SamModel:
 
 @register("sam", roles=(SEGMENTER, EMBEDDER), capabilities=(MASKS, BOX_PROMPTS, CLICKS, EMBEDDINGS),
           tiny={"sam": write_tiny_segmenter})
-class HfSamSegmenter:
+class HfSamSegmenter(CachedEncoding):
     def __init__(self, path: Path, model_id: str, device: torch.device, cache_size: int = 8):
         self.model_id = model_id
         self.device = device
@@ -99,12 +117,6 @@ class HfSamSegmenter:
         self.model = lean_global_attention(SamModel.from_pretrained(path).to(device).eval())
         self.cache = EmbeddingCache(cache_size)
         self._lock = threading.Lock()
-
-    def cache_info(self) -> dict:
-        return self.cache.info()
-
-    def prepare(self, image: np.ndarray) -> None:
-        self.cache.get_or_compute(image_key(image), lambda: self._encode(image))
 
     @torch.inference_mode()
     def _encode(self, image: np.ndarray):
@@ -115,7 +127,7 @@ class HfSamSegmenter:
 
     def feature_map(self, image: np.ndarray) -> FeatureMap:
         """The (cached) image embedding over the padded input; the image covers its top-left cells."""
-        feats, original, reshaped = self.cache.get_or_compute(image_key(image), lambda: self._encode(image))
+        feats, original, reshaped = self._embedding(image)
         feats = feats.float().cpu()
         (h, w), (rh, rw) = original[0].tolist(), reshaped[0].tolist()
         pad = self.processor.image_processor.pad_size
@@ -129,7 +141,7 @@ class HfSamSegmenter:
 
     @torch.inference_mode()
     def segment(self, image, boxes=None, points=None, point_labels=None):
-        embeddings, original_sizes, reshaped = self.cache.get_or_compute(image_key(image), lambda: self._encode(image))
+        embeddings, original_sizes, reshaped = self._embedding(image)
         h, w = original_sizes[0].tolist()
         rh, rw = reshaped[0].tolist()
         scale = torch.tensor([rw / w, rh / h])

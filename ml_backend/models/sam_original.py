@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ModelUnavailableError
 from .registry import BOX_PROMPTS, CLICKS, MASKS, SEGMENTER, register
-from .sam import EmbeddingCache, choose_multimask, image_key
+from .sam import CachedEncoding, EmbeddingCache, choose_multimask
 
 ENCODER_WIDTH = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
 
@@ -28,7 +28,7 @@ def checkpoint_type(path: Path) -> str:
 
 
 @register(name="sam-original", suffixes=(".pth", ".pt"), roles=SEGMENTER, capabilities=(MASKS, BOX_PROMPTS, CLICKS))
-class OriginalSamSegmenter:
+class OriginalSamSegmenter(CachedEncoding):
     def __init__(self, path: Path, model_id: str, device: torch.device, cache_size: int = 8):
         try:
             from segment_anything import SamPredictor, sam_model_registry
@@ -43,12 +43,6 @@ class OriginalSamSegmenter:
         self.cache = EmbeddingCache(cache_size)
         self._lock = threading.Lock()
 
-    def cache_info(self) -> dict:
-        return self.cache.info()
-
-    def prepare(self, image: np.ndarray) -> None:
-        self.cache.get_or_compute(image_key(image), lambda: self._encode(image))
-
     @torch.inference_mode()
     def _encode(self, image: np.ndarray):
         with self._lock:
@@ -58,7 +52,7 @@ class OriginalSamSegmenter:
 
     @torch.inference_mode()
     def segment(self, image, boxes=None, points=None, point_labels=None):
-        state = self.cache.get_or_compute(image_key(image), lambda: self._encode(image))
+        state = self._embedding(image)
         h, w = image.shape[:2]
         multimask = choose_multimask(boxes, points)
         with self._lock:

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import ConfigError, ImageError
-from ..images import ImageLoader, local_file
+from ..media import ImageSource, local_file
 from ..types import LabeledImage
 from .convert import to_detections
 
@@ -84,7 +84,7 @@ def open_dataset(name: str, overwrite: bool = False):
     return dataset
 
 
-def local_image(record: LabeledImage, cache_dir: Path, loader: ImageLoader | None) -> Path:
+def local_image(record: LabeledImage, cache_dir: Path, loader: ImageSource | None) -> Path:
     """The record's image as a local file: itself when it is one, else fetched once into `cache_dir`."""
     path = local_file(record.image)
     if path is not None:
@@ -126,7 +126,7 @@ def sample_fields(record: LabeledImage, width: int, height: int) -> dict:
     }
 
 
-def build_dataset(records: list[LabeledImage], name: str, cache_dir: Path, loader: ImageLoader | None = None,
+def build_dataset(records: list[LabeledImage], name: str, cache_dir: Path, loader: ImageSource | None = None,
                   overwrite: bool = False, prune: bool = False):
     """Create or refresh dataset `name` from `records` (matched by `key`); with `prune`, samples whose key is no
     longer among the records (deleted tasks) are removed. Returns (dataset, BuildReport)."""
