@@ -1,4 +1,4 @@
-"""Embeddings for review from a model's image encoder (`models.ImageEncoder`): by default the pipeline's own (SAM's
+"""Embeddings for review from a model's image encoder (`models.ImageEncoder`): by default the engine's own (SAM's
 cached image embedding, else the detector's backbone), so nothing is downloaded; or, when configured, a CLIP/SigLIP
 model on the image and on each object's crop. Then FiftyOne Brain's visualization (UMAP), uniqueness and near
 duplicates, always with `embeddings=` given."""
@@ -33,13 +33,13 @@ class EncoderEmbedder(Embedder):
 
     def __init__(self, segmenter):
         if not isinstance(segmenter, ImageEncoder):
-            raise ConfigError("review embeddings use the pipeline's SAM image encoder: configure a (HF) SAM segmenter "
+            raise ConfigError("review embeddings use the engine's SAM image encoder: configure a (HF) SAM segmenter "
                               "(e.g. --segmenter DIR), or run with --no-embeddings")
         super().__init__(segmenter)
 
 
 class BackboneEmbedder(Embedder):
-    """The detector's own image encoder (e.g. Grounding DINO's Swin, last stage), for pipelines without SAM."""
+    """The detector's own image encoder (e.g. Grounding DINO's Swin, last stage), for engines without SAM."""
 
     def __init__(self, detector):
         if not isinstance(detector, ImageEncoder):
@@ -56,12 +56,12 @@ class ClipEmbedder(Embedder):
 
 
 def make_embedder(segmenter=None, detector=None) -> Embedder:
-    """SAM's image encoder when the pipeline has one (HF SAM), else the detector's."""
+    """SAM's image encoder when the engine has one (HF SAM), else the detector's."""
     if isinstance(segmenter, ImageEncoder):
         return EncoderEmbedder(segmenter)
     if detector is not None:
         return BackboneEmbedder(detector)
-    raise ConfigError("review embeddings need the pipeline's SAM or detector: give --segmenter or --detector, "
+    raise ConfigError("review embeddings need the engine's SAM or detector: give --segmenter or --detector, "
                       "or run with --no-embeddings")
 
 
