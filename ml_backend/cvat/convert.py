@@ -9,6 +9,7 @@ import supervision as sv
 from cvat_sdk.masks import decode_mask, encode_mask
 
 from ..errors import ConfigError
+from ..types import clip_box
 
 SHAPE_TYPES = ("rectangle", "mask", "polygon")
 
@@ -22,9 +23,7 @@ def mask_points(mask: np.ndarray, xyxy=None) -> list[float]:
     becomes that box filled: the detection is kept, not turned into nothing."""
     mask = mask.astype(bool)
     if xyxy is not None and not mask.any():
-        h, w = mask.shape
-        x1, y1 = (max(0, int(v)) for v in xyxy[:2])
-        x2, y2 = min(w, max(x1 + 1, int(np.ceil(xyxy[2])))), min(h, max(y1 + 1, int(np.ceil(xyxy[3]))))
+        x1, y1, x2, y2 = clip_box(xyxy, mask.shape[1], mask.shape[0])
         mask = mask.copy()
         mask[y1:y2, x1:x2] = True
     return encode_mask(mask)

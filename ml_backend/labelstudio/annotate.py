@@ -252,7 +252,7 @@ def _assemble(out: FolderOutput, records: dict[str, dict], files: list[Path], ro
         ref = url_prefix.rstrip("/") + "/" + quote(rel) if url_prefix else local_files_ref(path, root)
         tasks.append({"data": {"image": ref}, "predictions": [record["prediction"]]})
         image_id = len(images) + 1
-        images.append({"id": image_id, "file_name": rel, "width": record["width"], "height": record["height"]})
+        images.append(coco.image(image_id, rel, record["width"], record["height"]))
         anns += [a | {"image_id": image_id} for a in record["coco"]]
     out.tasks.write_text(json.dumps(tasks))
-    out.coco.write_text(json.dumps(coco.document(images, anns, names)))
+    coco.write(out.coco, coco.document(images, anns, names))

@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModel, AutoProcessor
 
 from ..ontology import Classification
+from ..types import crop
 from .registry import CLASSIFICATION, CLASSIFIER, EMBEDDER, EMBEDDINGS, build, register
 from .tiny import write_tiny_classifier
 
@@ -88,12 +89,7 @@ class ZeroShotClassifier:
 
     def embed(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The image and each box's crop (at least one pixel) through the image tower: ((D,), (N, D))."""
-        h, w = image.shape[:2]
-        crops = []
-        for x1, y1, x2, y2 in np.asarray(boxes, np.float32).reshape(-1, 4):
-            x1, y1 = int(np.clip(np.floor(x1), 0, w - 1)), int(np.clip(np.floor(y1), 0, h - 1))
-            x2, y2 = int(np.clip(np.ceil(x2), x1 + 1, w)), int(np.clip(np.ceil(y2), y1 + 1, h))
-            crops.append(image[y1:y2, x1:x2])
+        crops = [crop(image, b) for b in np.asarray(boxes, np.float32).reshape(-1, 4)]
         embedded = self.embed_images([image, *crops]).numpy()  # normalised
         return embedded[0], embedded[1:]
 
