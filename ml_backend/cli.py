@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -113,82 +112,32 @@ def up(
     import faulthandler
     import signal
 
-    from label_studio_sdk.client import LabelStudio
     from label_studio_sdk.core.api_error import ApiError
 
-    from .labelstudio.server import create_app
-    from .labelstudio.stack import (
-        BackendThread, Credentials, LabelStudioProcess, StackError, ensure_project, label_config,
-    )
-    from .labelstudio.annotate import annotate_project
-    from .ontology import PromptsFile
-    from .engine import Engine
+    from .labelstudio.stack import run_up
 
     _logging(verbose)
     images = images.expanduser().resolve()
     if not images.is_dir():
         typer.secho(f"error: {images} is not a folder of images", fg="red", err=True)
         raise typer.Exit(2)
-    data_dir = data_dir.expanduser().resolve()
-    creds = Credentials.load_or_create(data_dir / "prelabel-credentials.json")
-    overrides = dict(prompts=prompts, device=device, label_studio_url=f"http://127.0.0.1:{port}",
-                     label_studio_api_key=creds.token, local_files_document_root=images.parent, model_dir=data_dir.parent)
-    if tiny_models:
-        from .models.tiny import write_tiny_models
-
-        tiny = data_dir.parent / "tiny-models"
-        paths = {k: tiny / k for k in ("detector", "segmenter")}
-        if not all((p / "config.json").exists() for p in paths.values()):
-            paths = write_tiny_models(tiny)
-        overrides |= {"detector": str(paths["detector"]), "segmenter": str(paths["segmenter"])}
     # stop cleanly on Ctrl-C and SIGTERM, also when started in the background (where SIGINT starts out ignored)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack on stderr
-    studio = backend = None
     try:
-        settings = _settings(**overrides)
-        if not PromptsFile.load(settings.prompts).labels:  # before any model download
-            raise PrelabelError("prelabel up needs labels: pass --prompts FILE (see prompts/example.yaml)")
-        engine = Engine.from_settings(settings)
-        # Label Studio serves local files below a document root that must be a parent of the storage folder
-        studio = LabelStudioProcess(data_dir, port, images.parent, creds)
-        backend = BackendThread(create_app(engine), backend_port)
-        backend.start()
-        log.info("starting Label Studio on %s (first start takes ~40 s)", studio.url)
-        studio.wait_ready()
-        client = LabelStudio(base_url=studio.url, api_key=creds.token)
-        config = label_config(engine.ontology(), masks=engine.segmenter is not None)
-        project_id, _ = ensure_project(client, f"prelabel: {images.name}", config, images, backend.url)
-        report = annotate_project(client, project_id, backend.server.config.app.state.backend, engine.settings.batch_size)
-        if report.interrupted:
-            raise KeyboardInterrupt
-        for error in report.failed:
-            typer.secho(error["error"]["message"], fg="yellow", err=True)
-        typer.echo(
-            f"ready: {studio.url}/projects/{project_id}/data  login {creds.email} / {creds.password}  "
-            f"({report.done} pre-annotated, {report.skipped['already predicted']} already had {report.model_version}, "
-            f"{len(report.failed)} failed); backend {backend.url}; Ctrl-C stops both",
-        )
-        while True:
-            time.sleep(1)
-            if studio.process.poll() is not None:
-                raise StackError(f"Label Studio stopped unexpectedly; see {studio.log_path}")
+        run_up(images, data_dir.expanduser().resolve(), port, backend_port, dict(prompts=prompts, device=device),
+               tiny_models, echo=typer.echo, warn=lambda line: typer.secho(line, fg="yellow", err=True))
     except KeyboardInterrupt:
         typer.echo("stopping")
     except (PrelabelError, ApiError) as exc:
         detail = f"Label Studio answered {exc.status_code}: {exc.body}" if isinstance(exc, ApiError) else exc
         typer.secho(f"error: {detail}", fg="red", err=True)
         raise typer.Exit(2) from None
-    finally:
-        if backend is not None:
-            backend.stop()
-        if studio is not None:
-            studio.stop()
 
 
 def _label_studio_client(url: str | None, api_key: str | None):
-    from .cli_sources import label_studio_client
+    from .labelstudio.annotate import label_studio_client
 
     settings = _settings(label_studio_url=url, label_studio_api_key=api_key)
     return settings, label_studio_client(settings)
@@ -220,52 +169,16 @@ def annotate(
 ):
     """Pre-annotate a whole Label Studio project (--project) or a folder of images (FOLDER --out DIR): batched,
     with progress, resumable (run it again to finish), failures reported per task. Exit status 1 if any task failed."""
-    import datetime
-
-    from .labelstudio.annotate import annotate_folder, annotate_project, open_project
-    from .labelstudio.backend import LabelStudioBackend
-    from .labelstudio.config import parse_config
-    from .engine import Engine
+    from .labelstudio.annotate import run_annotate
 
     _logging(verbose)
-    if (folder is None) == (project is None):
-        raise _fail(PrelabelError("give either --project ID (Label Studio) or FOLDER --out DIR (folder mode)"))
-    if engine not in ("local", "ray"):
-        raise _fail(PrelabelError(f"--engine {engine!r}: use local or ray"))
     overrides = dict(prompts=prompts, detector=detector, device=device, segmenter=_segmenter_flag(segmenter),
-                     classifier=_segmenter_flag(classifier), batch_size=batch_size)
+                     classifier=_segmenter_flag(classifier), batch_size=batch_size, label_studio_url=url,
+                     label_studio_api_key=api_key)
+    ray = dict(actors=ray_actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, address=ray_address)
     with _failing():
-        if project is not None:
-            settings, client = _label_studio_client(url, api_key)
-            if not parse_config(open_project(client, project).label_config).needs_masks:
-                overrides["segmenter"] = ""  # boxes only: SAM is not loaded
-            settings = _settings(**overrides, label_studio_url=settings.label_studio_url,
-                                 label_studio_api_key=settings.label_studio_api_key.get_secret_value())
-        else:
-            if out is None:
-                raise PrelabelError("folder mode needs --out DIR")
-            root = _settings().local_files_document_root or folder.expanduser().resolve().parent
-            settings = _settings(**overrides, local_files_document_root=root)
-        # with Ray the actors load the models; here only their ids are needed (for the model version)
-        models = Engine.from_settings(settings, load=engine != "ray" or project is None)
-        backend = LabelStudioBackend.for_batch(models)
-        run_engine = None
-        if engine == "ray":
-            from functools import partial
-
-            from .engines.ray_engine import ray_engine
-            from .labelstudio.annotate import TaskPredictor
-
-            run_engine = ray_engine(partial(TaskPredictor, settings), ray_actors, cpus_per_actor, gpus_per_actor, ray_address, settings.batch_size)
-        if project is not None:
-            result = annotate_project(client, project, backend, settings.batch_size, only_unlabeled, limit, run_engine)
-            stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-            report = report or settings.model_dir / "reports" / f"annotate-project-{project}-{stamp}.json"
-        else:
-            if run_engine is not None:
-                raise PrelabelError("--engine ray works on Label Studio projects (--project)")
-            result = annotate_folder(folder.expanduser(), out, backend, settings.batch_size, limit, url_prefix)
-            report = report or out / "report.json"
+        result, report = run_annotate(folder, project, out, overrides, url_prefix, only_unlabeled, limit, report,
+                                      engine, ray)
     result.write(report)
     for entry in result.failed:
         typer.secho(entry["error"]["message"], fg="yellow", err=True)

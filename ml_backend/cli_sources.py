@@ -28,16 +28,6 @@ def _either(options: list[str]) -> str:
         " or " + options[-1]
 
 
-def label_studio_client(settings: Settings):
-    """A Label Studio client from the settings' address and API key (flags or environment)."""
-    from label_studio_sdk.client import LabelStudio
-
-    if not settings.label_studio_url or not settings.label_studio_api_key:
-        raise PrelabelError("give Label Studio's address and an API key: --url/--api-key or "
-                            "LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY")
-    return LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key.get_secret_value())
-
-
 @dataclass(frozen=True)
 class Source:
     """Where records come from, as the flags name it; `model_version` picks a project's predictions."""
@@ -111,6 +101,7 @@ def open_source(source: Source, settings: Settings) -> Iterator[Opened]:
     """The records of `source`; a project is read through Label Studio (address and key from `settings`), its
     images fetched through Label Studio's image source, closed on exit."""
     if source.project is not None:
+        from .labelstudio.annotate import label_studio_client
         from .labelstudio.images import LabelStudioImageSource
         from .labelstudio.records import project_records
 

@@ -37,6 +37,16 @@ class ProjectError(PrelabelError):
     kind = "project"
 
 
+def label_studio_client(settings: Settings):
+    """A Label Studio client from the settings' address and API key (flags or environment)."""
+    from label_studio_sdk.client import LabelStudio
+
+    if not settings.label_studio_url or not settings.label_studio_api_key:
+        raise ConfigError("give Label Studio's address and an API key: --url/--api-key or "
+                          "LABEL_STUDIO_URL/LABEL_STUDIO_API_KEY")
+    return LabelStudio(base_url=settings.label_studio_url, api_key=settings.label_studio_api_key.get_secret_value())
+
+
 def open_project(client, project_id: int):
     from label_studio_sdk.core.api_error import ApiError
 
@@ -256,3 +266,44 @@ def _assemble(out: FolderOutput, records: dict[str, dict], files: list[Path], ro
         anns += [a | {"image_id": image_id} for a in record["coco"]]
     out.tasks.write_text(json.dumps(tasks))
     coco.write(out.coco, coco.document(images, anns, names))
+
+
+def run_annotate(folder: Path | None, project: int | None, out: Path | None, overrides: dict,
+                 url_prefix: str | None = None, only_unlabeled: bool = False, limit: int | None = None,
+                 report: Path | None = None, engine: str = "local", ray: dict | None = None) -> tuple[Report, Path]:
+    """`prelabel annotate`: a Label Studio project in place (`project`), or the images below `folder` into `out`;
+    `engine` "ray" runs a project's batches on Ray actors (`ray`: the keyword arguments of `ray_engine`).
+    `overrides`: settings given on the command line (None = not given). Returns the report and where it goes."""
+    import datetime
+    from functools import partial
+
+    if (folder is None) == (project is None):
+        raise ProjectError("give either --project ID (Label Studio) or FOLDER --out DIR (folder mode)")
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"--engine {engine!r}: use local or ray")
+    if engine == "ray" and project is None:
+        raise ConfigError("--engine ray works on Label Studio projects (--project)")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if project is not None:
+        client = label_studio_client(Settings(**given))
+        if not parse_config(open_project(client, project).label_config).needs_masks:
+            given["segmenter"] = ""  # boxes only: SAM is not loaded
+    else:
+        if out is None:
+            raise ConfigError("folder mode needs --out DIR")
+        given.setdefault("local_files_document_root",
+                         Settings().local_files_document_root or folder.expanduser().resolve().parent)
+    settings = Settings(**given)
+    # with Ray the actors load the models; here only their ids are needed (for the model version)
+    backend = LabelStudioBackend.for_batch(Engine.from_settings(settings, load=engine != "ray"))
+    if project is None:
+        return (annotate_folder(folder.expanduser(), out, backend, settings.batch_size, limit, url_prefix),
+                report or out / "report.json")
+    run_batches_on = None
+    if engine == "ray":
+        from ..engines.ray_engine import ray_engine
+
+        run_batches_on = ray_engine(partial(TaskPredictor, settings), batch_size=settings.batch_size, **(ray or {}))
+    result = annotate_project(client, project, backend, settings.batch_size, only_unlabeled, limit, run_batches_on)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return result, report or settings.model_dir / "reports" / f"annotate-project-{project}-{stamp}.json"

@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from xml.sax.saxutils import quoteattr
 
 import httpx
@@ -166,3 +167,63 @@ def ensure_project(client, title: str, config: str, images: Path, backend_url: s
     if ml is None:
         ml = client.ml.create(url=backend_url, project=project.id, is_interactive=True, title="prelabel")
     return project.id, ml.id
+
+
+def run_up(images: Path, data_dir: Path, port: int, backend_port: int, overrides: dict, tiny_models: bool = False,
+           echo: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> None:
+    """`prelabel up`: Label Studio and the backend on loopback, a project for the `images` folder (local-files
+    storage below its parent), every image pre-annotated, then serve until Label Studio stops or the caller
+    interrupts (KeyboardInterrupt); both are stopped on the way out. `overrides`: settings given on the command
+    line (None = not given)."""
+    from label_studio_sdk.client import LabelStudio
+
+    from ..engine import Engine
+    from ..ontology import PromptsFile
+    from ..settings import Settings
+    from .annotate import annotate_project
+    from .server import create_app
+
+    creds = Credentials.load_or_create(data_dir / "prelabel-credentials.json")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    given |= dict(label_studio_url=f"http://127.0.0.1:{port}", label_studio_api_key=creds.token,
+                  local_files_document_root=images.parent, model_dir=data_dir.parent)
+    if tiny_models:
+        from ..models.tiny import write_tiny_models
+
+        tiny = data_dir.parent / "tiny-models"
+        paths = {k: tiny / k for k in ("detector", "segmenter")}
+        if not all((p / "config.json").exists() for p in paths.values()):
+            paths = write_tiny_models(tiny)
+        given |= {"detector": str(paths["detector"]), "segmenter": str(paths["segmenter"])}
+    studio = backend = None
+    try:
+        settings = Settings(**given)
+        if not PromptsFile.load(settings.prompts).labels:  # before any model download
+            raise PrelabelError("prelabel up needs labels: pass --prompts FILE (see prompts/example.yaml)")
+        engine = Engine.from_settings(settings)
+        # Label Studio serves local files below a document root that must be a parent of the storage folder
+        studio = LabelStudioProcess(data_dir, port, images.parent, creds)
+        backend = BackendThread(create_app(engine), backend_port)
+        backend.start()
+        log.info("starting Label Studio on %s (first start takes ~40 s)", studio.url)
+        studio.wait_ready()
+        client = LabelStudio(base_url=studio.url, api_key=creds.token)
+        config = label_config(engine.ontology(), masks=engine.segmenter is not None)
+        project_id, _ = ensure_project(client, f"prelabel: {images.name}", config, images, backend.url)
+        report = annotate_project(client, project_id, backend.server.config.app.state.backend, settings.batch_size)
+        if report.interrupted:
+            raise KeyboardInterrupt
+        for error in report.failed:
+            warn(error["error"]["message"])
+        echo(f"ready: {studio.url}/projects/{project_id}/data  login {creds.email} / {creds.password}  "
+             f"({report.done} pre-annotated, {report.skipped['already predicted']} already had {report.model_version}, "
+             f"{len(report.failed)} failed); backend {backend.url}; Ctrl-C stops both")
+        while True:
+            time.sleep(1)
+            if studio.process.poll() is not None:
+                raise StackError(f"Label Studio stopped unexpectedly; see {studio.log_path}")
+    finally:
+        if backend is not None:
+            backend.stop()
+        if studio is not None:
+            studio.stop()
