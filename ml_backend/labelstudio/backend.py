@@ -22,7 +22,6 @@ from ..engine import ClassifyRequest, Engine, RequestSpec
 from ..types import make_detections
 from .config import ProjectConfig, parse_config
 from .convert import (
-    ChoiceScores,
     choices_result,
     detections_to_results,
     percent_to_box,
@@ -258,9 +257,9 @@ class LabelStudioBackend:
         for i, key, img in batch.images:
             if entries[i] is None:
                 by_key.setdefault(key, []).append((i, replace(img, fields=tasks[i].get("data"))))
+        choices = {c.from_name: c for c in config.choices}
         for key, images in by_key.items():
             controls = [c for c in config.controls if c.data_key == key]
-            choices = {c.from_name: c for c in config.choices}
             results = self.engine.iter_run([img for _, img in images], self.spec_for(config, ontology, key))
             for (i, img), result in zip(images, results):
                 if entries[i] is not None and "error" in entries[i]:
@@ -270,13 +269,12 @@ class LabelStudioBackend:
                     continue
                 if on_image is not None:
                     on_image(i, key, img, result.detections)
-                scores = [ChoiceScores(choices[c.request.name], c.classification, c.probs, c.chosen)
-                          for c in result.classes if c.probs.size]
+                scores = [(choices[c.request.name], c) for c in result.classes if c.probs.size]
                 entry = entries[i] or {"result": [], "score": 1.0, "model_version": version}
-                per_region = [s for s in scores if s.control.per_region]
+                per_region = [(control, c) for control, c in scores if control.per_region]
                 entry["result"] += detections_to_results(result.detections, controls, img.width, img.height, per_region)
-                for s in scores:
-                    if not s.control.per_region and (choice := choices_result(s, 0, img.width, img.height)):
+                for control, c in scores:
+                    if not control.per_region and (choice := choices_result(control, c, 0, img.width, img.height)):
                         entry["result"].append(choice)
                 entry["score"] = min(entry["score"], result.score)
                 entries[i] = entry

@@ -5,13 +5,15 @@ Studio context regions become pixels."""
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import supervision as sv
 
-from ..ontology import Classification
 from .config import ChoiceControl, Control
+
+if TYPE_CHECKING:
+    from ..engine import ClassScores
 
 
 def region_id() -> str:
@@ -109,19 +111,8 @@ def _region(control: Control, width: int, height: int, value: dict, score: float
     return region
 
 
-@dataclass
-class ChoiceScores:
-    """Classifier output for one Choices control: probabilities (rows: the image, or each detection; columns: the
-    classification's choices) and the chosen column indices per row."""
-
-    control: ChoiceControl
-    classification: Classification
-    probs: np.ndarray
-    chosen: list[list[int]]
-
-
 def choices_result(
-    scores: ChoiceScores, row: int, width: int, height: int, region: dict | None = None
+    control: ChoiceControl, scores: ClassScores, row: int, width: int, height: int, region: dict | None = None
 ) -> dict | None:
     """One `choices` result: the chosen choices of `row`, `score` the lowest probability among them, and every
     choice's probability in `meta.scores` (Label Studio keeps `meta` with the prediction). Per region, it takes the
@@ -132,7 +123,6 @@ def choices_result(
         return None
     names = scores.classification.names
     probs = scores.probs[row]
-    control = scores.control
     value: dict = {}
     if region is not None and region["type"] == "rectanglelabels":
         value = {k: region["value"][k] for k in ("x", "y", "width", "height", "rotation")}
@@ -151,18 +141,12 @@ def choices_result(
     }
 
 
-def choices_score(scores: ChoiceScores) -> float:
-    """How sure the classification of a task is: the lowest chosen probability over its rows (1.0 with none)."""
-    chosen = [float(scores.probs[r][j]) for r, row in enumerate(scores.chosen) for j in row]
-    return round(min(chosen, default=1.0), 6)
-
-
 def detections_to_results(
     detections: sv.Detections,
     controls: list[Control],
     width: int,
     height: int,
-    per_region: list[ChoiceScores] | tuple = (),
+    per_region: list[tuple[ChoiceControl, ClassScores]] | tuple = (),
 ) -> list[dict]:
     """Every detection whose label a control has becomes a region of that control; each per-region Choices that
     applies to the region adds a `choices` result with the region's id (rows of `per_region` are detections)."""
@@ -188,9 +172,9 @@ def detections_to_results(
                     regions.append(_region(control, width, height, value, score))
             for region in regions:
                 results.append(region)
-                for scores in per_region:
-                    if scores.control.applies_to(control, label):
-                        choice = choices_result(scores, i, width, height, region)
+                for choice_control, scores in per_region:
+                    if choice_control.applies_to(control, label):
+                        choice = choices_result(choice_control, scores, i, width, height, region)
                         if choice is not None:
                             results.append(choice)
     return results
