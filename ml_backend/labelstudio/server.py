@@ -34,10 +34,9 @@ from ..errors import (
     RequestTooLargeError,
     describe_validation,
 )
-from .images import LabelStudioImageSource
+from ..engine import Engine
 from ..jobs import DistillJob
 from ..metrics import Metrics, prometheus
-from ..engine import Engine
 from .backend import (
     LabelStudioBackend,
     LoadedTasks,
@@ -48,6 +47,7 @@ from .backend import (
     is_interactive,
     project_id,
 )
+from .images import LabelStudioImageSource
 from .store import EventStore
 
 log = logging.getLogger(__name__)
@@ -237,7 +237,7 @@ class InferenceWorker:
             self.metrics.timing("queue_wait_batch", now - job.waiter.queued)
         self.metrics.merged(len(jobs))
         try:
-            entries = self._infer(_merge(group), group[0].job.args)
+            entries = self.backend.infer(_merge(group), *group[0].job.args)  # the engine isolates model failures per image
         except Exception as exc:  # a request-level mistake (e.g. masks without a segmenter): whole requests fail
             for job in jobs:
                 job.pieces = -1  # its other pieces, if any, must not answer again
@@ -252,10 +252,6 @@ class InferenceWorker:
             piece.job.pieces -= 1
             if piece.job.pieces == 0:  # (a failed job sits below 0)
                 piece.job.waiter.done(piece.job.entries)
-
-    def _infer(self, batch: LoadedTasks, args: tuple) -> list[dict]:
-        """The whole batch in one model pass (the engine isolates a model failure to the image that causes it)."""
-        return self.backend.infer(batch, *args)
 
 
 class BodyLimit:
