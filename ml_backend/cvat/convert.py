@@ -107,10 +107,9 @@ def detections_to_shapes(detections: sv.Detections, shape_type: str = "rectangle
     return shapes
 
 
-def detections_to_sdk_shapes(detections: sv.Detections, label_ids: list[int], shapes: dict[str, str],
-                             conv_mask_to_poly: bool = False) -> list:
+def detections_to_sdk_shapes(detections: sv.Detections, shapes: dict[str, str], conv_mask_to_poly: bool = False) -> list:
     """cvat-sdk auto-annotation shapes: each detection as its label's shape type (`shapes`), a mask as a polygon
-    when CVAT asks to convert them; `label_ids` map class ids to the function spec's label ids."""
+    when CVAT asks to convert them; a detection's class id is its label's id in the function spec."""
     import cvat_sdk.auto_annotation as cvataa
 
     out = []
@@ -122,7 +121,7 @@ def detections_to_sdk_shapes(detections: sv.Detections, label_ids: list[int], sh
         mask = None if detections.mask is None else detections.mask[i]
         points = shape_points(shape_type, detections.xyxy[i], mask)
         make = {"rectangle": cvataa.rectangle, "mask": cvataa.mask, "polygon": cvataa.polygon}[shape_type]
-        out.append(make(label_ids[int(detections.class_id[i])], points, score=float(detections.confidence[i])))
+        out.append(make(int(detections.class_id[i]), points, score=float(detections.confidence[i])))
     return out
 
 
