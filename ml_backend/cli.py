@@ -35,7 +35,25 @@ def _logging(verbose: bool) -> None:
 def _settings(**overrides):
     from .settings import Settings
 
+    if "label_studio_url" in overrides:
+        overrides = _with_stack(overrides)
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def _with_stack(overrides: dict) -> dict:
+    """Label Studio's address and key, where neither flags nor the environment give them, from the `prelabel up`
+    running from MODEL_DIR (flags > environment > the running stack)."""
+    from .labelstudio.access import RunningStack
+    from .settings import Settings
+
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    stack = RunningStack.find(settings.model_dir)
+    if stack is None or settings.label_studio_url not in (None, stack.url):
+        return overrides
+    if settings.label_studio_api_key is None:
+        typer.secho(f"Label Studio of `prelabel up`: {stack.url} (from {stack.path})", dim=True, err=True)
+        return overrides | {"label_studio_url": stack.url, "label_studio_api_key": stack.api_key}
+    return overrides | {"label_studio_url": stack.url}
 
 
 def _segmenter_flag(value: str | None) -> str | None:
@@ -52,12 +70,15 @@ def _failing():
     """A user's mistake, or Label Studio refusing, ends the command with one red line and exit status 2."""
     from label_studio_sdk.core.api_error import ApiError
 
+    from .labelstudio.access import refused_message
+
     try:
         yield
     except PrelabelError as exc:
         raise _fail(exc) from None
     except ApiError as exc:
-        raise _fail(PrelabelError(f"Label Studio answered {exc.status_code}: {exc.body}")) from None
+        message = refused_message(exc.status_code, exc.body, None) or f"Label Studio answered {exc.status_code}: {exc.body}"
+        raise _fail(PrelabelError(message)) from None
 
 
 def _is_loopback(host: str) -> bool:
@@ -101,9 +122,12 @@ def serve(
 def up(
     images: Path = typer.Argument(Path("images"), help="Folder of images (connected as local-files storage, not copied)."),
     prompts: Optional[Path] = typer.Option(None, help="Prompts file: labels, synonyms, thresholds, models."),
+    detector: Optional[str] = typer.Option(None, help="Detector: hub id or local directory (default: the prompts file's, else Grounding DINO tiny)."),
+    segmenter: Optional[str] = typer.Option(None, help="Segmenter: hub id, local directory, sam_vit_*.pth, or 'none'."),
+    classifier: Optional[str] = typer.Option(None, help="Zero-shot classifier for Choices (CLIP/SigLIP): hub id, local directory, or 'none'."),
     port: int = typer.Option(8080, help="Label Studio port."),
     backend_port: int = typer.Option(9090, help="Backend port."),
-    data_dir: Path = typer.Option(Path(".prelabel/label-studio"), help="Label Studio's data (SQLite, uploads)."),
+    data_dir: Optional[Path] = typer.Option(None, help="Label Studio's data (SQLite, uploads; default MODEL_DIR/label-studio)."),
     tiny_models: bool = typer.Option(False, "--tiny-models", help="Offline tiny random models (tests, demos)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -111,8 +135,6 @@ def up(
     """Label Studio + this backend + a pre-annotated project for IMAGES, in one command (Ctrl-C stops both)."""
     import faulthandler
     import signal
-
-    from label_studio_sdk.core.api_error import ApiError
 
     from .labelstudio.stack import run_up
 
@@ -125,15 +147,14 @@ def up(
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack on stderr
+    overrides = dict(prompts=prompts, device=device, detector=detector, segmenter=_segmenter_flag(segmenter),
+                     classifier=_segmenter_flag(classifier))
     try:
-        run_up(images, data_dir.expanduser().resolve(), port, backend_port, dict(prompts=prompts, device=device),
-               tiny_models, echo=typer.echo, warn=lambda line: typer.secho(line, fg="yellow", err=True))
+        with _failing():
+            run_up(images, data_dir and data_dir.expanduser().resolve(), port, backend_port, overrides, tiny_models,
+                   echo=typer.echo, warn=lambda line: typer.secho(line, fg="yellow", err=True))
     except KeyboardInterrupt:
         typer.echo("stopping")
-    except (PrelabelError, ApiError) as exc:
-        detail = f"Label Studio answered {exc.status_code}: {exc.body}" if isinstance(exc, ApiError) else exc
-        typer.secho(f"error: {detail}", fg="red", err=True)
-        raise typer.Exit(2) from None
 
 
 def _label_studio_client(url: str | None, api_key: str | None):

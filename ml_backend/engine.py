@@ -21,10 +21,11 @@ import numpy as np
 import supervision as sv
 
 from .active import classification_confidence, task_score
-from .errors import ConfigError, InferenceError, PrelabelError
+from .errors import ConfigError, InferenceError, ModelUnavailableError, PrelabelError
 from .media import MediaItem
 from .models import Detector, Segmenter, UnloadedModel, build_detector, build_segmenter, model_id, pick_device
 from .models.base import Classifier
+from .models.loading import resolve_model
 from .ontology import Classification, Ontology, PromptsFile
 from .settings import Settings
 from .types import CLASS_NAME, CLASS_PROBABILITY, RUNNER_UP, crop, make_detections
@@ -113,6 +114,21 @@ def classifier_ref(settings: Settings, prompts: PromptsFile) -> str | None:
     return None if not ref or ref.lower() == "none" else ref
 
 
+def require_models(refs: dict[str, str | None], model_dir: Path) -> None:
+    """Every model is here (or downloaded now) before any loads: one error names each missing one."""
+    missing = []
+    for kind, ref in refs.items():
+        if ref:
+            try:
+                resolve_model(ref, model_dir)
+            except ModelUnavailableError as exc:
+                missing.append(f"{kind}: {exc}")
+    if len(missing) == 1:
+        raise ModelUnavailableError(missing[0])
+    if missing:
+        raise ModelUnavailableError(f"{len(missing)} models are missing (nothing was loaded):\n  " + "\n  ".join(missing))
+
+
 class Engine:
     """The models (loaded once per process) and the prompts; every entrance predicts through `run`."""
 
@@ -142,6 +158,8 @@ class Engine:
                    for r in (detector_ref, segmenter_ref, classifier_ref(settings, prompts))]
             det, seg, clf = (UnloadedModel(i) if i else None for i in ids)
             return cls(det, seg, prompts, settings, clf)
+        require_models({"detector": detector_ref if detector else None, "segmenter": segmenter_ref,
+                        "classifier": classifier_ref(settings, prompts)}, settings.model_dir)
         device = pick_device(settings.device)
         detector = build_detector(detector_ref, settings.model_dir, device, settings.batch_size) if detector else None
         segmenter = (

@@ -46,7 +46,9 @@ def test_serve_fails_at_once_with_one_line_when_weights_are_missing(tmp_path):
     start = time.monotonic()
     done = run_cli("serve", "--detector", "IDEA-Research/grounding-dino-base", HF_HOME=str(tmp_path), MODEL_DIR=str(tmp_path))
     assert done.returncode == 2 and time.monotonic() - start < 30
-    assert "error: model 'IDEA-Research/grounding-dino-base' is not in the local cache" in done.stderr
+    assert "error: 2 models are missing" in done.stderr  # both named at once, not one per run
+    assert "detector: model 'IDEA-Research/grounding-dino-base' is not in the local cache" in done.stderr
+    assert "segmenter: model 'facebook/sam-vit-base' is not in the local cache" in done.stderr
     assert "MODEL_DIR" in done.stderr
 
 

@@ -50,13 +50,15 @@ def label_studio_client(settings: Settings):
 def open_project(client, project_id: int):
     from label_studio_sdk.core.api_error import ApiError
 
+    from .access import refused_message
+
     try:
         return client.projects.get(id=project_id)
     except ApiError as exc:
         if exc.status_code == 404:
             raise ProjectError(f"Label Studio has no project {project_id} (or this API key cannot see it)") from None
-        if exc.status_code == 401:
-            raise ProjectError(f"Label Studio refused the API key ({exc.body})") from None
+        if refused := refused_message(exc.status_code, exc.body, None):
+            raise ProjectError(refused) from None
         raise
 
 

@@ -17,9 +17,11 @@ from typing import Callable
 from xml.sax.saxutils import quoteattr
 
 import httpx
+from pydantic import SecretStr
 
 from ..errors import PrelabelError
 from ..ontology import Ontology
+from .access import STACK_FILE, RunningStack
 
 log = logging.getLogger(__name__)
 
@@ -31,18 +33,19 @@ class StackError(PrelabelError):
 
 
 def label_config(ontology: Ontology, masks: bool = True) -> str:
-    """Rectangles (also a smart tool), brush masks and smart keypoints for every label."""
+    """One row of every label per tool, under a header naming the tool (Label Studio shows the rows unnamed):
+    rectangles, and with a segmenter brush masks, smart keypoints and smart rectangles (SAM masks what they mark)."""
     labels = "".join(f"<Label value={quoteattr(name)}/>" for name in ontology.names)
-    parts = [
-        '<View>',
-        '  <Image name="image" value="$image" zoom="true"/>',
-        f'  <RectangleLabels name="box" toName="image" smart="true">{labels}</RectangleLabels>',
-    ]
+    rows = [("box", "RectangleLabels", "Boxes: drag a rectangle"
+             + (" (smart rectangle: SAM masks what it covers)" if masks else ""))]
     if masks:
-        parts += [
-            f'  <BrushLabels name="mask" toName="image">{labels}</BrushLabels>',
-            f'  <KeyPointLabels name="point" toName="image" smart="true">{labels}</KeyPointLabels>',
-        ]
+        rows += [("mask", "BrushLabels", "Masks: paint with the brush"),
+                 ("point", "KeyPointLabels", "Smart points: click an object and SAM masks it")]
+    parts = ['<View>', '  <Image name="image" value="$image" zoom="true"/>']
+    smart = ' smart="true"' if masks else ""
+    for name, tag, header in rows:
+        parts += [f'  <Header value={quoteattr(header)} size="6"/>',
+                  f'  <{tag} name="{name}" toName="image"{smart if tag != "BrushLabels" else ""}>{labels}</{tag}>']
     return "\n".join(parts + ["</View>"])
 
 
@@ -169,52 +172,88 @@ def ensure_project(client, title: str, config: str, images: Path, backend_url: s
     return project.id, ml.id
 
 
-def run_up(images: Path, data_dir: Path, port: int, backend_port: int, overrides: dict, tiny_models: bool = False,
-           echo: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> None:
+def ensure_default_tab(client, project_id: int) -> None:
+    """A project without Data Manager tabs gets a "Default" one that shows the "Prediction score" column and sorts
+    by it ascending (the least certain pre-annotations first); tabs people made are left alone."""
+    if list(client.views.list(project=project_id)):
+        return
+    columns = client._client_wrapper.httpx_client.request("api/dm/columns", method="GET",
+                                                          params={"project": project_id}).json()["columns"]
+    hidden: dict[str, list[str]] = {"explore": [], "labeling": []}
+    for column in columns:
+        if column.get("children") or column.get("target") != "tasks" or column.get("parent"):
+            continue
+        for surface, shown in (column.get("visibility_defaults") or {}).items():
+            if not shown and surface in hidden and column["id"] != "predictions_score":
+                hidden[surface].append(f"tasks:{column['id']}")
+    client.views.create(project=project_id, data={"title": "Default", "ordering": ["tasks:predictions_score"],
+                                                  "hiddenColumns": hidden})
+
+
+def model_settings(overrides: dict, tiny_models: bool):
+    """The settings `up` serves with: flags over the environment (MODEL_DIR included); `tiny_models` writes (once)
+    and serves the tiny random models below MODEL_DIR."""
+    from ..settings import Settings
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    settings = Settings(**given)
+    if tiny_models:
+        from ..models.tiny import write_tiny_models
+
+        tiny = settings.model_dir / "tiny-models"
+        paths = {k: tiny / k for k in ("detector", "segmenter")}
+        if not all((p / "config.json").exists() for p in paths.values()):
+            paths = write_tiny_models(tiny)
+        settings = Settings(**given | {"detector": str(paths["detector"]), "segmenter": str(paths["segmenter"])})
+    return settings
+
+
+def run_up(images: Path, data_dir: Path | None, port: int, backend_port: int, overrides: dict,
+           tiny_models: bool = False, echo: Callable[[str], None] = print, warn: Callable[[str], None] = print) -> None:
     """`prelabel up`: Label Studio and the backend on loopback, a project for the `images` folder (local-files
     storage below its parent), every image pre-annotated, then serve until Label Studio stops or the caller
     interrupts (KeyboardInterrupt); both are stopped on the way out. `overrides`: settings given on the command
-    line (None = not given)."""
+    line (None = not given). `data_dir`: Label Studio's data (default MODEL_DIR/label-studio)."""
     from label_studio_sdk.client import LabelStudio
 
     from ..engine import Engine
     from ..ontology import PromptsFile
-    from ..settings import Settings
     from .annotate import annotate_project
     from .server import create_app
 
+    settings = model_settings(overrides, tiny_models)
+    data_dir = data_dir or (settings.model_dir / "label-studio").resolve()
     creds = Credentials.load_or_create(data_dir / "prelabel-credentials.json")
-    given = {k: v for k, v in overrides.items() if v is not None}
-    given |= dict(label_studio_url=f"http://127.0.0.1:{port}", label_studio_api_key=creds.token,
-                  local_files_document_root=images.parent, model_dir=data_dir.parent)
-    if tiny_models:
-        from ..models.tiny import write_tiny_models
-
-        tiny = data_dir.parent / "tiny-models"
-        paths = {k: tiny / k for k in ("detector", "segmenter")}
-        if not all((p / "config.json").exists() for p in paths.values()):
-            paths = write_tiny_models(tiny)
-        given |= {"detector": str(paths["detector"]), "segmenter": str(paths["segmenter"])}
-    studio = backend = None
+    url = f"http://127.0.0.1:{port}"
+    settings = settings.model_copy(update=dict(label_studio_url=url, label_studio_api_key=SecretStr(creds.token),
+                                               local_files_document_root=images.parent))
+    studio = backend = stack = None
     try:
-        settings = Settings(**given)
         if not PromptsFile.load(settings.prompts).labels:  # before any model download
             raise PrelabelError("prelabel up needs labels: pass --prompts FILE (see prompts/example.yaml)")
         engine = Engine.from_settings(settings)
         # Label Studio serves local files below a document root that must be a parent of the storage folder
+        first_start = not (data_dir / "label_studio.sqlite3").exists()
         studio = LabelStudioProcess(data_dir, port, images.parent, creds)
         backend = BackendThread(create_app(engine), backend_port)
         backend.start()
-        log.info("starting Label Studio on %s (first start takes ~40 s)", studio.url)
+        log.info("starting Label Studio on %s%s", studio.url,
+                 " (its first start sets up its database: ~40 s)" if first_start else "")
         studio.wait_ready()
+        stack = RunningStack(studio.url, creds.token, os.getpid(), settings.model_dir.resolve() / STACK_FILE)
+        stack.write()
         client = LabelStudio(base_url=studio.url, api_key=creds.token)
         config = label_config(engine.ontology(), masks=engine.segmenter is not None)
         project_id, _ = ensure_project(client, f"prelabel: {images.name}", config, images, backend.url)
+        ensure_default_tab(client, project_id)
         report = annotate_project(client, project_id, backend.server.config.app.state.backend, settings.batch_size)
         if report.interrupted:
             raise KeyboardInterrupt
         for error in report.failed:
             warn(error["error"]["message"])
+        echo(f"API key {creds.token} (Label Studio at {studio.url}); `rank`, `annotate --project`, `review` and "
+             f"`effort` run from here find both by themselves while this runs; for other tools: "
+             f"set -a; . {stack.path}; set +a")
         echo(f"ready: {studio.url}/projects/{project_id}/data  login {creds.email} / {creds.password}  "
              f"({report.done} pre-annotated, {report.skipped['already predicted']} already had {report.model_version}, "
              f"{len(report.failed)} failed); backend {backend.url}; Ctrl-C stops both")
@@ -223,6 +262,8 @@ def run_up(images: Path, data_dir: Path, port: int, backend_port: int, overrides
             if studio.process.poll() is not None:
                 raise StackError(f"Label Studio stopped unexpectedly; see {studio.log_path}")
     finally:
+        if stack is not None:
+            stack.remove()
         if backend is not None:
             backend.stop()
         if studio is not None:
