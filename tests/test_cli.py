@@ -1,9 +1,10 @@
 """The `prelabel` command: serve with tiny models, fail fast on missing weights, original SAM checkpoints; a quick
-start (no torch where no model runs) and its help."""
+start (no torch where no model runs), its help, and quiet model loading."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -126,3 +127,18 @@ def test_help_shows_flags_as_flags_and_every_option_has_help():
         undocumented = [p.opts[0] for p in command.params if not p.help]
         assert not undocumented, f"prelabel {' '.join(path)}: no help text for {undocumented}"
 
+
+def test_models_load_and_tiny_models_write_without_progress_bars_unless_debug_logging(tmp_path, capfd, caplog):
+    from transformers.utils import logging as hf_logging
+
+    from ml_backend.models import build_detector
+    from ml_backend.models.tiny import write_tiny_models
+
+    detector = str(write_tiny_models(tmp_path / "tiny")["detector"])
+    build_detector(detector, tmp_path, torch.device("cpu"))
+    err = capfd.readouterr().err
+    assert "Writing model shards" not in err and "Loading weights" not in err
+    assert hf_logging.is_progress_bar_enabled()  # restored: downloads keep their bars
+    with caplog.at_level(logging.DEBUG, logger="ml_backend"):  # --verbose
+        build_detector(detector, tmp_path, torch.device("cpu"))
+    assert "Loading weights" in capfd.readouterr().err
