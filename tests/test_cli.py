@@ -1,7 +1,10 @@
-"""The `prelabel` command: serve with tiny models, fail fast on missing weights, original SAM checkpoints."""
+"""The `prelabel` command: serve with tiny models, fail fast on missing weights, original SAM checkpoints; a quick
+start (no torch where no model runs), its help, and quiet model loading."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -75,3 +78,69 @@ def test_up_refuses_a_missing_folder_and_a_run_without_labels(tmp_path):
     (tmp_path / "images").mkdir()
     done = run_cli("up", str(tmp_path / "images"), "--tiny-models", "--data-dir", str(tmp_path / "ls"), "--port", str(free_port()))
     assert done.returncode == 2 and "needs labels: pass --prompts FILE" in done.stderr
+
+
+# In a fresh interpreter: every command's usage error, --version, and the modules that `rank` and `effort` run on.
+QUICK_START = """
+import json, sys
+from typer.main import get_command
+from typer.testing import CliRunner
+from ml_backend.cli import app
+
+commands = [[name] for name in get_command(app).commands]
+results = {" ".join(args): CliRunner().invoke(app, args).exit_code for args in [["--version"], ["rank"], ["effort"]]}
+results |= {name[0]: CliRunner().invoke(app, [*name, "--no-such-flag"]).exit_code for name in commands}
+import ml_backend.cli_sources, ml_backend.effort, ml_backend.labelstudio.images, ml_backend.labelstudio.rank
+import ml_backend.labelstudio.records, ml_backend.ontology
+print(json.dumps({"exit": results, "heavy": [m for m in ("torch", "transformers", "fiftyone") if m in sys.modules]}))
+"""
+
+
+def test_usage_errors_version_rank_and_effort_start_without_torch_transformers_or_fiftyone():
+    done = subprocess.run([sys.executable, "-c", QUICK_START], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    outcome = json.loads(done.stdout.splitlines()[-1])
+    assert outcome["heavy"] == [], f"imported although no model runs: {outcome['heavy']}"
+    assert outcome["exit"].pop("--version") == 0
+    assert set(outcome["exit"].values()) == {2}, outcome["exit"]  # usage errors, every command
+    from importlib.metadata import version
+
+    done = run_cli("--version")
+    assert done.returncode == 0 and done.stdout == f"prelabel {version('prelabel')}\n"
+
+
+def _commands(command, path=()):
+    yield list(path), command
+    for name, sub in getattr(command, "commands", {}).items():
+        yield from _commands(sub, (*path, name))
+
+
+def test_help_shows_flags_as_flags_and_every_option_has_help():
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from ml_backend.cli import app
+
+    for path, command in _commands(get_command(app)):
+        result = CliRunner().invoke(app, [*path, "--help"], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        assert "<bool>" not in result.output, f"prelabel {' '.join(path)} --help:\n{result.output}"
+        assert "--help" in result.output and all(p.opts[0] in result.output for p in command.params if not p.hidden)
+        undocumented = [p.opts[0] for p in command.params if not p.help]
+        assert not undocumented, f"prelabel {' '.join(path)}: no help text for {undocumented}"
+
+
+def test_models_load_and_tiny_models_write_without_progress_bars_unless_debug_logging(tmp_path, capfd, caplog):
+    from transformers.utils import logging as hf_logging
+
+    from ml_backend.models import build_detector
+    from ml_backend.models.tiny import write_tiny_models
+
+    detector = str(write_tiny_models(tmp_path / "tiny")["detector"])
+    build_detector(detector, tmp_path, torch.device("cpu"))
+    err = capfd.readouterr().err
+    assert "Writing model shards" not in err and "Loading weights" not in err
+    assert hf_logging.is_progress_bar_enabled()  # restored: downloads keep their bars
+    with caplog.at_level(logging.DEBUG, logger="ml_backend"):  # --verbose
+        build_detector(detector, tmp_path, torch.device("cpu"))
+    assert "Loading weights" in capfd.readouterr().err

@@ -13,18 +13,19 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import quote
 
 from .. import coco
-from ..engine import Engine
 from ..errors import ConfigError, PrelabelError
 from ..media import MediaItem
 from ..runner import Report, chunks, run_batches
 from ..settings import Settings
-from .backend import LabelStudioBackend
 from .config import parse_config
 from .stack import label_config
+
+if TYPE_CHECKING:  # the engine (torch, the models) is imported where a run needs it: rank, effort and records don't
+    from .backend import LabelStudioBackend
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,9 @@ class TaskPredictor:
     `functools.partial(TaskPredictor, settings)` is what `engines.ray_engine` builds in each actor."""
 
     def __init__(self, settings: Settings, config_xml: str):
+        from ..engine import Engine
+        from .backend import LabelStudioBackend
+
         self.backend = LabelStudioBackend.for_batch(Engine.from_settings(settings))
         self.config = parse_config(config_xml)
         self.ontology = self.backend.ontology_for(self.config)
@@ -278,6 +282,9 @@ def run_annotate(folder: Path | None, project: int | None, out: Path | None, ove
     `overrides`: settings given on the command line (None = not given). Returns the report and where it goes."""
     import datetime
     from functools import partial
+
+    from ..engine import Engine
+    from .backend import LabelStudioBackend
 
     if (folder is None) == (project is None):
         raise ProjectError("give either --project ID (Label Studio) or FOLDER --out DIR (folder mode)")

@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -30,6 +31,33 @@ def pick_device(requested: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ModelUnavailableError(f"device {requested!r} was requested but CUDA is not available on this machine")
     return device
+
+
+_quiet_depth = 0
+_quiet_lock = threading.Lock()
+
+
+@contextmanager
+def quiet_weights():
+    """Without transformers' per-model progress bars ("Loading weights", "Writing model shards") inside, unless
+    debug logging is on (`--verbose`): on every start they are noise. Also a decorator. Restored on the way out
+    (nested and concurrent uses count), so that hub downloads keep their bars."""
+    global _quiet_depth
+    from transformers.utils import logging as hf_logging
+
+    with _quiet_lock:
+        quiet = _quiet_depth > 0 or (hf_logging.is_progress_bar_enabled() and not log.isEnabledFor(logging.DEBUG))
+        if quiet:
+            _quiet_depth += 1
+            hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet:
+            with _quiet_lock:
+                _quiet_depth -= 1
+                if _quiet_depth == 0:
+                    hf_logging.enable_progress_bar()
 
 
 def hub_offline() -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import ModelUnavailableError
-from .loading import LOCAL_PREFIXES, resolve_model
+from .loading import LOCAL_PREFIXES, quiet_weights, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,8 @@ def build(role: str, ref: str, model_dir: Path, device: torch.device, **options)
     """Build `ref` as a `role` with its family's builder; `options` are the role's (batch_size, cache_size)."""
     family, path = find(ref, model_dir, role)
     log.info("loading %s %s (%s) from %s on %s", role, ref, family.name, path, device)
-    return family.build(path, ref, device, **options)
+    with quiet_weights():
+        return family.build(path, ref, device, **options)
 
 
 def model_id(ref: str, model_dir: Path) -> str:
@@ -173,6 +174,7 @@ def tiny_kinds() -> dict[str, tuple[Family, TinyWriter]]:
     return {kind: (f, writer) for f in families() for kind, writer in f.tiny.items()}
 
 
+@quiet_weights()
 def write_tiny(out: Path, kinds: Iterable[str] | None = None) -> dict[str, str]:
     """Write a tiny random model of each kind (default: all) as `out/<kind>`; returns {kind: model ref}."""
     known = tiny_kinds()

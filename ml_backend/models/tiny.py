@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .loading import quiet_weights
+
 WORDS = (
     "a an the of and with on in photo object thing person people man woman car truck bus bike bicycle cat dog bird "
     "horse cow sheep bottle plastic glass can soda cup box package product shelf label tire wheel window door "
@@ -158,6 +160,7 @@ def write_tiny_kinds(out: Path, kinds: list[str] | None = None) -> dict[str, str
     return write_tiny(out, kinds)
 
 
+@quiet_weights()
 def write_tiny_models(out: Path, seed: int = 0) -> dict[str, Path]:
     out = Path(out)
     return {
