@@ -90,10 +90,13 @@ def _fail(exc: Exception) -> typer.Exit:
 
 @contextmanager
 def _failing():
-    """A user's mistake, or Label Studio refusing, ends the command with one red line and exit status 2."""
+    """A user's mistake, or Label Studio refusing or unreachable, ends the command with one red line and exit
+    status 2."""
+    import httpx
     from label_studio_sdk.core.api_error import ApiError
 
     from .labelstudio.access import refused_message
+    from .net import redact
 
     try:
         yield
@@ -102,6 +105,13 @@ def _failing():
     except ApiError as exc:
         message = refused_message(exc.status_code, exc.body, None) or f"Label Studio answered {exc.status_code}: {exc.body}"
         raise _fail(PrelabelError(message)) from None
+    except httpx.TransportError as exc:
+        try:
+            where = redact(str(exc.request.url))
+        except RuntimeError:  # no request attached
+            where = "Label Studio"
+        raise _fail(PrelabelError(f"cannot reach {where} ({type(exc).__name__}: {exc}): is Label Studio running "
+                                  f"there? Check --url / LABEL_STUDIO_URL")) from None
 
 
 def _is_loopback(host: str) -> bool:

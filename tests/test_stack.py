@@ -16,7 +16,7 @@ from ml_backend.labelstudio.config import parse_config
 from ml_backend.labelstudio.stack import label_config
 from ml_backend.ontology import Ontology, LabelSpec
 
-from .conftest import LEGACY_TOKEN
+from .conftest import LEGACY_TOKEN, free_port
 
 
 def ontology(*names: str) -> Ontology:
@@ -96,3 +96,11 @@ def test_a_wrong_api_key_against_a_real_label_studio(label_studio, monkeypatch, 
         assert result.exit_code == 2, result.output
         output = " ".join(result.output.split())
         assert "refused the API key" in output and "Access Token" in output and "{'detail'" not in output
+
+
+def test_an_unreachable_label_studio_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = CliRunner().invoke(app, ["effort", "--project", "1", "--url", url, "--api-key", "key"])
+    assert result.exit_code == 2, result.output
+    assert f"cannot reach {url}/api/" in result.output and "Traceback" not in result.output
