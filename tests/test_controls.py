@@ -39,7 +39,7 @@ def skipped(selection) -> dict[str, str]:
 
 def test_choices_are_filled_only_by_a_classifier_and_otherwise_skipped_naming_the_setting():
     config = parse_config(QUALITY)
-    assert config.select(True, True, True, ControlsEntry()).config is config, "all filled: the config as it is"
+    assert config.select(True, True, True, ControlsEntry()).config == config, "all filled: the config as it is"
     without = config.select(True, True, False, ControlsEntry())
     assert list(skipped(without)) == ["quality"] and "PRELABEL_CLASSIFIER" in skipped(without)["quality"]
     assert without.config.choices == [] and [c.from_name for c in without.config.controls] == ["box"]
@@ -67,6 +67,8 @@ def test_the_prompts_file_opts_controls_in_or_out_by_name(tmp_path):
     skip = parse_config(QUALITY).select(True, True, True, PromptsFile.load(path).controls)
     assert list(skipped(skip)) == ["box"] and skip.config.labels == [] and skip.config.controls == []
     assert [c.from_name for c in skip.config.choices] == ["quality"]
+    again = skip.config.select(True, True, True, PromptsFile.load(path).controls)
+    assert again.config is skip.config and again.skipped == again.warnings == [], "selecting twice changes nothing"
 
 
 def test_a_control_name_the_config_lacks_is_a_warning_naming_the_config_controls():
@@ -154,14 +156,18 @@ def test_without_classifier_setup_answers_with_what_it_skips_and_predict_gives_t
     assert {r["type"] for r in entry["result"]} == {"rectanglelabels", "choices"}
 
 
-def test_the_prompts_file_controls_skip_over_http_with_a_warning_for_an_unknown_name(http, start_server):
+def test_the_prompts_file_controls_skip_over_http_with_a_warning_for_an_unknown_name(http, start_server, caplog):
     server = start_server(PromptsFile(**ALL_BOXES, controls={"skip": ["quality", "qualty"]}), classifier=True)
-    answer = setup(http, server, QUALITY).json()
-    assert answer["skipped"] == [{"control": "quality", "reason": "the prompts file's `controls: skip` names it"}]
-    assert len(answer["warnings"]) == 1 and "'qualty'" in answer["warnings"][0]
-    assert "+clip-" not in answer["model_version"]
-    (entry, *_) = http.post(f"{server.url}/predict", json={"tasks": TASKS, "label_config": QUALITY}).json()["results"]
+    with caplog.at_level(logging.WARNING, logger="ml_backend"):
+        answer = setup(http, server, QUALITY).json()
+        assert answer["skipped"] == [{"control": "quality", "reason": "the prompts file's `controls: skip` names it"}]
+        assert len(answer["warnings"]) == 1 and "'qualty'" in answer["warnings"][0]
+        assert "+clip-" not in answer["model_version"]
+        response = http.post(f"{server.url}/predict", json={"tasks": TASKS, "project": "7.1700000000"})
+    (entry, *_) = response.json()["results"]
     assert entry["result"] and {r["type"] for r in entry["result"]} == {"rectanglelabels"}
+    warned = [r.getMessage() for r in caplog.records if "is not a control" in r.getMessage()]
+    assert warned == [f"project 7: {answer['warnings'][0]}"], "once, and a skipped control is still one of the config's"
 
 
 def test_setup_is_refused_only_when_nothing_is_left_to_fill(http, start_server):

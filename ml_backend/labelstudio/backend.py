@@ -154,11 +154,10 @@ class LabelStudioBackend:
         e = self.engine
         selection = config.select(e.detector is not None, e.segmenter is not None, e.classifier is not None,
                                   e.prompts.controls)
-        key = (project, repr(config))
         with self._lock:
             if project is not None:
                 self.skipped[project] = [asdict(s) for s in selection.skipped]
-            tell = bool(selection.skipped or selection.warnings) and key not in self._noted
+            tell = bool(selection.skipped or selection.warnings) and (key := (project, repr(config))) not in self._noted
             if tell:
                 self._noted.add(key)
         if tell:

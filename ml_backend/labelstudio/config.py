@@ -65,7 +65,8 @@ class ProjectConfig:
     labels: list[str]
     predicted_values: dict[str, list[str]] = field(default_factory=dict)
     choices: list[ChoiceControl] = field(default_factory=list)
-    others: tuple[str, ...] = ()  # names of the controls we never fill (TextArea, KeyPointLabels, Rating, ...)
+    others: tuple[str, ...] = ()  # names of the controls not filled (TextArea, KeyPointLabels, ..., skipped ones)
+    selected: bool = field(default=False, compare=False, repr=False)  # the result of `select`: nothing left to skip
 
     @property
     def needs_masks(self) -> bool:
@@ -97,6 +98,8 @@ class ProjectConfig:
     def select(self, detector: bool, segmenter: bool, classifier: bool, wanted: ControlsEntry) -> Selection:
         """The controls this server fills, given which models it has and the prompts file's `controls:`; the
         others are skipped with the reason. Raises a ConfigError naming every control when none can be filled."""
+        if self.selected:
+            return Selection(self, [], [])
         skipped: dict[str, str] = {}
         for c in self.controls:
             why = wanted.opted_out(c.from_name) or (None if detector else NEEDS_DETECTOR)
@@ -122,9 +125,11 @@ class ProjectConfig:
                               + "; ".join(f"{n.control!r}: {n.reason}" for n in notes)
                               + "".join(f"; {w}" for w in warnings))
         if not notes:
-            return Selection(self, [], warnings)
+            return Selection(replace(self, selected=True), [], warnings)
         labels = [name for name in self.labels if any(name in c.labels for c in controls)]
-        return Selection(replace(self, controls=controls, labels=labels, choices=choices), notes, warnings)
+        filled = replace(self, controls=controls, labels=labels, choices=choices, others=self.others + tuple(skipped),
+                         selected=True)
+        return Selection(filled, notes, warnings)
 
     def mask_control(self, to_name: str | None = None) -> Control | None:
         """The control that receives interactive masks: brush first, polygons when they are the only mask tag."""
