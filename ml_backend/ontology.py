@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .errors import PrelabelError, PromptsError, RequestError, validated
 
@@ -190,6 +190,38 @@ class TagsEntry(BaseModel):
     multiple: bool = False  # multi-label: every label over its threshold; else the single best label
 
 
+class ControlsEntry(BaseModel):
+    """Which controls of a Label Studio label config (by `name`) the server pre-annotates: `only` these, or every
+    control but those in `skip`. A control named here that a project's config lacks gets a warning, not an error."""
+
+    model_config = ConfigDict(extra="forbid")
+    only: list[str] | None = Field(None, min_length=1)
+    skip: list[str] = Field(default_factory=list)
+
+    @field_validator("only", "skip", mode="before")
+    @classmethod
+    def _one_name(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_way(self) -> ControlsEntry:
+        if self.only is not None and self.skip:
+            raise ValueError("give either `only` (the controls to fill) or `skip` (the controls to leave), not both")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.only or []) + self.skip
+
+    def opted_out(self, name: str) -> str | None:
+        """Why the control `name` is not to be filled, or None."""
+        if name in self.skip:
+            return "the prompts file's `controls: skip` names it"
+        if self.only is not None and name not in self.only:
+            return f"the prompts file's `controls: only` lists {self.only}"
+        return None
+
+
 class PromptsFile(BaseModel):
     """The parsed `prompts/*.yaml`; `ontology()` resolves it against the labels a project actually has."""
 
@@ -205,6 +237,7 @@ class PromptsFile(BaseModel):
     nms_iou: float = Field(0.5, gt=0, le=1)
     max_detections: int | None = Field(None, ge=1)
     labels: dict[str, LabelEntry] = Field(default_factory=dict)
+    controls: ControlsEntry = Field(default_factory=ControlsEntry)  # Label Studio: which controls to fill
 
     @field_validator("labels", mode="before")
     @classmethod

@@ -325,20 +325,25 @@ def test_data_uri_images_are_accepted(http, backend):
     assert {(r["original_width"], r["original_height"]) for r in result["result"]} == {(50, 40)}
 
 
-def test_segmenter_free_server_still_fills_boxes_and_explains_masks(http, base_pipeline, tmp_path):
+def test_segmenter_free_server_fills_boxes_skips_mask_controls_and_explains_clicks(http, base_pipeline, tmp_path):
     from ml_backend.labelstudio.server import create_app
     from ml_backend.engine import Engine
 
     from .conftest import RunningServer, make_settings
 
     settings = make_settings(base_pipeline, tmp_path, label_studio_url="http://127.0.0.1:1")
-    server = RunningServer(create_app(Engine(base_pipeline.detector, None, PromptsFile(), settings)))
+    server = RunningServer(create_app(Engine(base_pipeline.detector, None, PromptsFile(box_threshold=0.0), settings)))
     try:
         uri = "data:image/png;base64," + base64.b64encode(encode(make_image(50, 40))).decode()
-        config = '<View><Image name="i" value="$img"/><RectangleLabels name="r" toName="i"><Label value="Car"/></RectangleLabels></View>'
-        ok = http.post(f"{server.url}/predict", json={"tasks": [{"id": 1, "data": {"img": uri}}], "label_config": config})
-        assert ok.json()["results"][0]["result"]
-        bad = http.post(f"{server.url}/predict", json={"tasks": [{"id": 1, "data": {"image": uri}}], "label_config": CONFIG})
+        setup = http.post(f"{server.url}/setup", json={"project": "5.1", "schema": CONFIG})
+        assert setup.status_code == 200
+        skipped = {s["control"]: s["reason"] for s in setup.json()["skipped"]}
+        assert set(skipped) == {"brush", "poly"} and all("PRELABEL_SEGMENTER" in r for r in skipped.values())
+        tasks = [{"id": 1, "data": {"image": uri}}]
+        (entry,) = http.post(f"{server.url}/predict", json={"tasks": tasks, "label_config": CONFIG}).json()["results"]
+        assert entry["result"] and {r["type"] for r in entry["result"]} == {"rectanglelabels"}
+        click = {"context": {"result": [keypoint(40, 50)]}}
+        bad = http.post(f"{server.url}/predict", json={"tasks": tasks, "label_config": CONFIG, "params": click})
         assert bad.status_code == 422 and "without a segmenter" in bad.json()["error"]["message"]
     finally:
         server.stop()

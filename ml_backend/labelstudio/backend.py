@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -20,7 +20,7 @@ from ..metrics import Metrics
 from ..ontology import Classification, LabelSpec, Ontology, normalize_prompt
 from ..engine import ClassifyRequest, Engine, RequestSpec
 from ..types import make_detections
-from .config import ProjectConfig, parse_config
+from .config import ProjectConfig, Selection, parse_config
 from .convert import (
     choices_result,
     detections_to_results,
@@ -114,6 +114,8 @@ class LabelStudioBackend:
         self.settings = engine.settings
         self.configs: dict[int | None, str] = {}
         self.versions: dict[int | None, str] = {}
+        self.skipped: dict[int, list[dict]] = {}  # per project: the controls it does not fill, and why (/health)
+        self._noted: set[tuple] = set()  # (project, config) whose skipped controls the log has told
         self._lock = threading.Lock()
 
     @classmethod
@@ -123,37 +125,64 @@ class LabelStudioBackend:
 
     # -- /setup, /versions --------------------------------------------------------------------------------------
     def setup(self, req: SetupRequest) -> dict:
+        """The model version for the project's config, and the controls it skips (Label Studio reads only
+        `model_version`); a ConfigError (422: Label Studio refuses the backend) only when nothing can be filled."""
         pid = project_id(req.project)
         if req.hostname and not self.loader.label_studio_url:
             self.loader.configure_label_studio(req.hostname, req.access_token)
             log.info("images relative to Label Studio resolve against %s (from /setup)", req.hostname)
         version = self.engine.model_version(self.engine.ontology())
+        answer: dict = {"skipped": [], "warnings": []}
         if req.label_config:
-            config = parse_config(req.label_config)
-            version = self.version_for(config, self.ontology_for(config))
+            selection = self.select(parse_config(req.label_config), pid)
+            version = self.version_for(selection.config, self.ontology_for(selection.config))
+            answer = {"skipped": [asdict(s) for s in selection.skipped], "warnings": selection.warnings}
             with self._lock:
                 self.configs[pid] = req.label_config
         with self._lock:
             self.versions[pid] = version
-        return {"model_version": version}
+        return {"model_version": version} | answer
 
     def known_versions(self) -> dict:
         with self._lock:
             versions = set(self.versions.values())
         return {"versions": sorted(versions) or [self.engine.model_version(self.engine.ontology())]}
 
+    def select(self, config: ProjectConfig, project: int | None = None) -> Selection:
+        """The controls of `config` this server fills (`ProjectConfig.select`: its models and the prompts file's
+        `controls:`); what it skips goes to the log once per project and config, and to /health."""
+        e = self.engine
+        selection = config.select(e.detector is not None, e.segmenter is not None, e.classifier is not None,
+                                  e.prompts.controls)
+        with self._lock:
+            if project is not None:
+                self.skipped[project] = [asdict(s) for s in selection.skipped]
+            tell = bool(selection.skipped or selection.warnings) and (key := (project, repr(config))) not in self._noted
+            if tell:
+                self._noted.add(key)
+        if tell:
+            where = f"project {project}" if project is not None else "label config"
+            for s in selection.skipped:
+                log.warning("%s: control %r is not pre-annotated: %s", where, s.control, s.reason)
+            for warning in selection.warnings:
+                log.warning("%s: %s", where, warning)
+        return selection
+
+    def filled(self, config: ProjectConfig) -> ProjectConfig:
+        """`config` with only the controls this server fills (itself when it fills them all)."""
+        return self.select(config).config
+
     def ontology_for(self, config: ProjectConfig) -> Ontology:
-        return config.ontology(self.engine.prompts, self.settings.max_detections)
+        """The labels of the region controls this server fills."""
+        return self.filled(config).ontology(self.engine.prompts, self.settings.max_detections)
 
     def classifications_for(self, config: ProjectConfig) -> dict[str, Classification]:
-        """Per Choices control, what to classify into; a ConfigError when Choices meet a server without classifier."""
-        if not config.choices:
-            return {}
-        self.engine.require_classifier(f"the label config's <Choices name={config.choices[0].from_name!r}>")
-        return config.classifications(self.engine.prompts)
+        """Per Choices control this server fills, what to classify into."""
+        return self.filled(config).classifications(self.engine.prompts)
 
     def version_for(self, config: ProjectConfig, ontology: Ontology) -> str:
-        """Model ids + digests of the prompts and templates (never of text filled from task data)."""
+        """Model ids + digests of the prompts and templates of what is filled (never of text filled from task
+        data): a skipped control leaves no trace, and a server that starts filling it has a new version."""
         return self.engine.model_version(ontology, list(self.classifications_for(config).values()))
 
     # -- /predict -----------------------------------------------------------------------------------------------
@@ -167,12 +196,17 @@ class LabelStudioBackend:
         if not xml:
             raise RequestError("no label_config in the request, and no /setup has given one for this project")
         config = parse_config(xml)
-        ontology = self.ontology_for(config)
-        version = self.version_for(config, ontology)
+        filled = self.select(config, pid).config
+        ontology = self.ontology_for(filled)
+        version = self.version_for(filled, ontology)
         context = req.params["context"] if is_interactive(req) else None
-        if context is not None and len(req.tasks) != 1:
+        if context is None:
+            return PreparedPredict(req.tasks, filled, ontology, version, None)
+        if len(req.tasks) != 1:
             raise RequestError(f"interactive annotation takes exactly one task, got {len(req.tasks)}")
-        return PreparedPredict(req.tasks, config, ontology, version, context)
+        # a click or a text prompt asks for itself: every region control of the config may take its answer
+        return PreparedPredict(req.tasks, config, config.ontology(self.engine.prompts, self.settings.max_detections),
+                               version, context)
 
     def predict(self, req: PredictRequest) -> dict:
         p = self.prepare(req)
@@ -208,7 +242,7 @@ class LabelStudioBackend:
         entries: list[dict | None] = [None] * len(tasks)
         units: list[tuple[int, str]] = []  # (task index, data key): one image each
         refs: list[tuple[str, int | None]] = []
-        keys = config.data_keys
+        keys = self.filled(config).data_keys
         for i, task in enumerate(tasks):
             try:
                 tid, data = self._task_fields(task)
@@ -228,7 +262,9 @@ class LabelStudioBackend:
 
     def spec_for(self, config: ProjectConfig, ontology: Ontology, key: str) -> RequestSpec:
         """What the config asks of the image at task data `key`: its region controls' labels (and masks for brush
-        and polygon controls), and its Choices, per region where `perRegion` says so."""
+        and polygon controls), and its Choices, per region where `perRegion` says so; only controls this server
+        fills."""
+        config = self.filled(config)
         regions = [c for c in config.controls if c.data_key == key]
         classifications = self.classifications_for(config)
         classify = []
@@ -250,7 +286,8 @@ class LabelStudioBackend:
         """The engine over the loaded images (one call per image key of the config: one unless the config labels
         several images per task), then Label Studio results one image at a time. `on_image(task index, data key,
         image, detections)` sees each image's detections (masks included) before they are dropped. Exactly one
-        entry per task: a prediction or `{"task", "error"}`."""
+        entry per task: a prediction or `{"task", "error"}`. Skipped controls get no results."""
+        config = self.filled(config)
         tasks, entries = batch.tasks, list(batch.entries)
         self.metrics.batch(len(batch.images))
         by_key: dict[str, list[tuple[int, MediaItem]]] = {}

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from label_studio_sdk.label_interface import LabelInterface
 
 from ..errors import ConfigError
-from ..ontology import Classification, Ontology, PromptsFile
+from ..ontology import Classification, ControlsEntry, Ontology, PromptsFile
 
 log = logging.getLogger(__name__)
 
 OUTPUT_TAGS = {"RectangleLabels": "rectanglelabels", "BrushLabels": "brushlabels", "PolygonLabels": "polygonlabels"}
 MASK_TYPES = {"brushlabels", "polygonlabels"}
+NEEDS_DETECTOR = "boxes need a detector (--detector / PRELABEL_DETECTOR)"
+NEEDS_SEGMENTER = "masks need a segmenter (set PRELABEL_SEGMENTER, --segmenter or `segmenter:` in the prompts file)"
+NEEDS_CLASSIFIER = ("Choices need a zero-shot classifier (set PRELABEL_CLASSIFIER, --classifier or `classifier:` in "
+                    "the prompts file to a CLIP/SigLIP model)")
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class ProjectConfig:
     labels: list[str]
     predicted_values: dict[str, list[str]] = field(default_factory=dict)
     choices: list[ChoiceControl] = field(default_factory=list)
+    others: tuple[str, ...] = ()  # names of the controls not filled (TextArea, KeyPointLabels, ..., skipped ones)
+    selected: bool = field(default=False, compare=False, repr=False)  # the result of `select`: nothing left to skip
 
     @property
     def needs_masks(self) -> bool:
@@ -83,6 +89,48 @@ class ProjectConfig:
         """Per Choices control (by name), what to classify into."""
         return {c.from_name: c.classification(prompts) for c in self.choices}
 
+    @property
+    def names(self) -> list[str]:
+        """Every control's name, in config order (ours first)."""
+        return list(dict.fromkeys([c.from_name for c in self.controls] + [c.from_name for c in self.choices]
+                                  + list(self.others)))
+
+    def select(self, detector: bool, segmenter: bool, classifier: bool, wanted: ControlsEntry) -> Selection:
+        """The controls this server fills, given which models it has and the prompts file's `controls:`; the
+        others are skipped with the reason. Raises a ConfigError naming every control when none can be filled."""
+        if self.selected:
+            return Selection(self, [], [])
+        skipped: dict[str, str] = {}
+        for c in self.controls:
+            why = wanted.opted_out(c.from_name) or (None if detector else NEEDS_DETECTOR)
+            if why is None and c.type in MASK_TYPES and not segmenter:
+                why = NEEDS_SEGMENTER
+            if why:
+                skipped.setdefault(c.from_name, why)
+        controls = [c for c in self.controls if c.from_name not in skipped]
+        for c in self.choices:
+            why = wanted.opted_out(c.from_name) or (None if classifier else NEEDS_CLASSIFIER)
+            if why is None and c.per_region and not any(c.applies_to(r, label) for r in controls for label in r.labels):
+                regions = sorted({r.from_name for r in self.controls if any(c.applies_to(r, n) for n in r.labels)})
+                why = f"it classifies the regions of {regions}, which are skipped"
+            if why:
+                skipped.setdefault(c.from_name, why)
+        unknown = [n for n in wanted.names if n not in self.names]
+        warnings = [f"the prompts file's `controls:` names {n!r}, which is not a control of this label config (it "
+                    f"has {self.names})" for n in unknown]
+        notes = [Skipped(name, why) for name, why in skipped.items()]
+        choices = [c for c in self.choices if c.from_name not in skipped]
+        if not controls and not choices:
+            raise ConfigError("nothing in the label config can be pre-annotated: "
+                              + "; ".join(f"{n.control!r}: {n.reason}" for n in notes)
+                              + "".join(f"; {w}" for w in warnings))
+        if not notes:
+            return Selection(replace(self, selected=True), [], warnings)
+        labels = [name for name in self.labels if any(name in c.labels for c in controls)]
+        filled = replace(self, controls=controls, labels=labels, choices=choices, others=self.others + tuple(skipped),
+                         selected=True)
+        return Selection(filled, notes, warnings)
+
     def mask_control(self, to_name: str | None = None) -> Control | None:
         """The control that receives interactive masks: brush first, polygons when they are the only mask tag."""
         for kind in ("brushlabels", "polygonlabels"):
@@ -90,6 +138,24 @@ class ProjectConfig:
                 if c.type == kind and (to_name is None or c.to_name == to_name):
                     return c
         return None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A control the server does not fill, and why."""
+
+    control: str
+    reason: str
+
+
+@dataclass
+class Selection:
+    """`config` with only the controls the server fills; `skipped` the others; `warnings` about control names in the
+    prompts file's `controls:` that the config lacks."""
+
+    config: ProjectConfig
+    skipped: list[Skipped]
+    warnings: list[str]
 
 
 def _choice_control(tag, to_name: str, data_key: str) -> ChoiceControl:
@@ -167,4 +233,6 @@ def parse_config(config: str) -> ProjectConfig:
                 + (f" is named {choice.when_tag!r}" if choice.when_tag else "")
                 + " to give it regions"
             )
-    return ProjectConfig(controls, list(dict.fromkeys(labels)), predicted, choices)
+    ours = {c.from_name for c in controls} | {c.from_name for c in choices}
+    others = tuple(dict.fromkeys(t.name for t in interface.controls if t.name not in ours))
+    return ProjectConfig(controls, list(dict.fromkeys(labels)), predicted, choices, others)

@@ -372,6 +372,8 @@ def create_app(engine: Engine, loader: LabelStudioImageSource | None = None, sto
             "detector": engine.detector.model_id,
             "segmenter": engine.segmenter.model_id if engine.segmenter else None,
             "classifier": engine.classifier.model_id if engine.classifier else None,
+            # per project: the controls of its label config that are not pre-annotated, and why
+            "skipped": {str(pid): controls for pid, controls in backend.skipped.copy().items() if controls},
         }
 
     @app.get("/metrics", responses={200: {"content": {"text/plain": {}}}})
