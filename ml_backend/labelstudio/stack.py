@@ -215,6 +215,8 @@ def run_up(images: Path, data_dir: Path, port: int, backend_port: int, overrides
             raise KeyboardInterrupt
         for error in report.failed:
             warn(error["error"]["message"])
+        if "failed tasks" in report.outputs:
+            warn(f"failed tasks (Data Manager tab): {report.outputs['failed tasks']}")
         echo(f"ready: {studio.url}/projects/{project_id}/data  login {creds.email} / {creds.password}  "
              f"({report.done} pre-annotated, {report.skipped['already predicted']} already had {report.model_version}, "
              f"{len(report.failed)} failed); backend {backend.url}; Ctrl-C stops both")
