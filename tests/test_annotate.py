@@ -158,6 +158,7 @@ def test_broken_images_are_reported_by_task_and_the_others_annotated(ls, label_s
     assert result.exit_code == 1, result.output
     assert f"task {missing}:" in result.output and "404" in result.output
     assert f"task {corrupt}:" in result.output and "corrupt or truncated" in result.output
+    assert f"failed tasks: {label_studio}/projects/{project_id}/data?tab=" in result.output
     summary = json.loads(report.read_text())
     assert summary["done"] == 5 and {e["task"] for e in summary["failed"]} == {missing, corrupt} and not summary["ok"]
     by_task = predictions_by_task(ls, project_id)

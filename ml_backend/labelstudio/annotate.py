@@ -107,16 +107,23 @@ def push_predictions(client, project_id: int, tasks: list[dict], entries: list[d
         client.projects.import_predictions(id=project_id, request=predictions)
 
 
-def record_errors(client, tasks: list[dict], entries: list[dict]) -> None:
+def record_errors(client, project_id: int, tasks: list[dict], entries: list[dict]) -> None:
     """Each failed task's cause in its data under ERROR_KEY (a Data Manager column); a task that succeeded loses an
-    earlier run's. The data is read back unresolved (as imported, not as presigned URLs) and written whole."""
+    earlier run's. The data is read back unresolved (as imported, not as presigned URLs) and written whole; read
+    from the task list, as reading one task asks a connected ML backend for its predictions."""
+    changes = {}
     for task, entry in zip(tasks, entries):
         error = entry["error"]["message"].removeprefix(f"task {task['id']}: ") if "error" in entry else None
-        if error == (task.get("data") or {}).get(ERROR_KEY):
-            continue
-        raw = client.tasks.get(id=task["id"], request_options={"additional_query_parameters": {"resolve_uri": False}})
-        data = {k: v for k, v in (raw.data or {}).items() if k != ERROR_KEY} | ({ERROR_KEY: error} if error else {})
-        client.tasks.update(id=task["id"], data=data)
+        if error != (task.get("data") or {}).get(ERROR_KEY):
+            changes[task["id"]] = error
+    if not changes:
+        return
+    ids = [{"filter": "filter:tasks:id", "operator": "equal", "type": "Number", "value": t} for t in changes]
+    query = json.dumps({"filters": {"conjunction": "or", "items": ids}})
+    for task in client.tasks.list(project=project_id, query=query, resolve_uri=False, fields="all", include="id,data"):
+        error = changes[task.id]
+        data = {k: v for k, v in (task.data or {}).items() if k != ERROR_KEY} | ({ERROR_KEY: error} if error else {})
+        client.tasks.update(id=task.id, data=data)
 
 
 def refresh_failed_tab(client, project_id: int, url: str | None) -> str | None:
@@ -167,7 +174,7 @@ def annotate_project(
     version = backend.version_for(config, ontology)
     settled: list[dict] = []
     todo, skipped = pending_tasks(client, project_id, version, only_unlabeled, limit, settled)
-    record_errors(client, settled, [{} for _ in settled])
+    record_errors(client, project_id, settled, [{} for _ in settled])
     report = Report(total=len(todo), skipped=skipped, model_version=version)
     log.info("project %s: %d tasks to pre-annotate with %s (%s)", project_id, len(todo), version,
              ", ".join(f"{n} {why}" for why, n in skipped.items()))
@@ -178,7 +185,7 @@ def annotate_project(
     def sink(tasks: list[dict], entries: list[dict]) -> None:
         nonlocal selected
         push_predictions(client, project_id, tasks, entries, version)
-        record_errors(client, tasks, entries)
+        record_errors(client, project_id, tasks, entries)
         if not selected and any("error" not in e for e in entries):
             selected = select_model_version(client, project_id, version)
 
