@@ -343,3 +343,26 @@ def test_failed_tasks_carry_their_cause_in_a_data_manager_tab_until_a_rerun_succ
     ls.tasks.update(id=good, data=stale)
     fourth = annotate_project(ls, project_id, backend)
     assert fourth.skipped["already predicted"] == 3 and errors() == {}, "a task done with this version has no error"
+
+
+def test_folder_mode_names_the_file_a_model_fails_on_and_logs_nothing_during_the_run(tiny_models, tmp_path, caplog):
+    """SAM keeps the aspect ratio: a 1 x 1200 sliver leaves its short side 0 pixels at the tiny SAM's 256 px (as a
+    1 x 5000 one does at a real SAM's 1024), a real model failure on this image only."""
+    from ml_backend.labelstudio.annotate import run_annotate
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "normal.png").write_bytes(encode(make_image(160, 90)))
+    sliver = np.random.default_rng(0).integers(0, 255, (1, 1200, 3), dtype=np.uint8)
+    (folder / "sub" / "sliver.png").write_bytes(encode(Image.fromarray(sliver)))
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text("box_threshold: 0\ntext_threshold: 0\nlabels:\n  Car: car\n")
+    overrides = dict(detector=str(tiny_models["detector"]), segmenter=str(tiny_models["segmenter"]), prompts=prompts,
+                     model_dir=tmp_path / "models")
+    with caplog.at_level("INFO"):
+        report, _ = run_annotate(folder, None, tmp_path / "out", overrides)
+    assert report.done == 1
+    (failed,) = report.failed
+    assert failed["task"] == "sub/sliver.png" and failed["error"]["kind"] == "inference"
+    assert failed["error"]["message"].startswith("the model failed on this image (sub/sliver.png): ")
+    assert [r.getMessage() for r in caplog.records if r.levelname in ("WARNING", "ERROR")] == [], "listed once, after the run"
