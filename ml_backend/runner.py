@@ -4,9 +4,12 @@ images per second, ETA), and a report of what failed. Engines (local, Ray) and a
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -64,6 +67,26 @@ def progress_bar(label: str):
 
     return Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), RateAndEta(),
                     transient=False)
+
+
+@contextmanager
+def listed_after_the_run(*loggers: str) -> Iterator[None]:
+    """While the block runs, warnings and errors that `loggers` (e.g. the engine's, naming a failed image) log from
+    this thread are dropped: the run lists each failure once, from its report, after the progress bar. Other
+    threads (a server answering meanwhile) and DEBUG logging (--verbose: tracebacks too) keep them."""
+    thread = threading.get_ident()
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno < logging.WARNING or record.thread != thread
+
+    quiet = [log for log in map(logging.getLogger, loggers) if not log.isEnabledFor(logging.DEBUG)]
+    for log in quiet:
+        log.addFilter(keep)
+    try:
+        yield
+    finally:
+        for log in quiet:
+            log.removeFilter(keep)
 
 
 def chunks(items: Iterable, size: int) -> Iterator[list]:

@@ -7,13 +7,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+import numpy as np
 import pytest
+from PIL import Image
 from pycocotools.coco import COCO
 from typer.testing import CliRunner
 
 from ml_backend.cli import app
-from ml_backend.labelstudio.annotate import annotate_project, image_files
+from ml_backend.labelstudio.annotate import ERROR_KEY, FAILED_TAB, annotate_project, image_files
 from ml_backend.labelstudio.rank import rank_project
+from ml_backend.labelstudio.records import plain
 from ml_backend.labelstudio.backend import LabelStudioBackend
 from ml_backend.engine import Engine
 from ml_backend.settings import Settings
@@ -154,6 +158,7 @@ def test_broken_images_are_reported_by_task_and_the_others_annotated(ls, label_s
     assert result.exit_code == 1, result.output
     assert f"task {missing}:" in result.output and "404" in result.output
     assert f"task {corrupt}:" in result.output and "corrupt or truncated" in result.output
+    assert f"failed tasks: {label_studio}/projects/{project_id}/data?tab=" in result.output
     summary = json.loads(report.read_text())
     assert summary["done"] == 5 and {e["task"] for e in summary["failed"]} == {missing, corrupt} and not summary["ok"]
     by_task = predictions_by_task(ls, project_id)
@@ -261,3 +266,103 @@ def test_annotate_and_rank_name_usage_errors(args, problem, monkeypatch):
 def test_annotate_names_a_missing_project(label_studio, tiny_models, tmp_path):
     result = CliRunner().invoke(app, cli_args(label_studio, tiny_models, "--project", "987654"), env={"MODEL_DIR": str(tmp_path)})
     assert result.exit_code == 2 and "Label Studio has no project 987654" in result.output
+
+
+def test_folder_mode_fails_only_the_corrupt_image_of_any_shape_and_names_its_file_once(tiny_models, tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    shapes = {"square.png": (300, 300), "tall-thin.png": (1000, 20), "one-pixel-high.png": (1, 200), "normal.png": (90, 160)}
+    for name, (h, w) in shapes.items():
+        pixels = np.random.default_rng(len(name)).integers(0, 255, (h, w, 3), dtype=np.uint8)
+        (folder / name).write_bytes(encode(Image.fromarray(pixels)))
+    (folder / "sub" / "corrupt.png").write_bytes(encode(make_image(80, 60))[:70])
+    out, report = tmp_path / "out", tmp_path / "out" / "report.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "ml_backend.cli", "annotate", str(folder), "--out", str(out),
+         "--detector", str(tiny_models["detector"]), "--segmenter", str(tiny_models["segmenter"]),
+         "--prompts", str(Path(__file__).parents[1] / "prompts/example.yaml")],
+        capture_output=True, text=True, timeout=300,
+        env={"MODEL_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+    )
+    output = run.stdout + run.stderr
+    assert run.returncode == 1, output
+    (failed,) = json.loads(report.read_text())["failed"]
+    message = failed["error"]["message"]
+    assert failed["task"] == "sub/corrupt.png" and message.startswith("image sub/corrupt.png is corrupt or truncated")
+    assert output.count(message) == 1 and output.count("corrupt.png") == 1, output
+    assert "/data/local-files" not in output and "Traceback" not in output
+    assert "4 of 5 tasks pre-annotated" in output and len(json.loads((out / "tasks.json").read_text())) == 4
+
+
+def test_failed_tasks_carry_their_cause_in_a_data_manager_tab_until_a_rerun_succeeds(ls, label_studio, backend, image_dir):
+    folder = image_dir / "failing"
+    folder.mkdir(exist_ok=True)
+    (folder / "good.png").write_bytes(encode(make_image(80, 60, seed=1)))
+    (folder / "corrupt.png").write_bytes(encode(make_image(80, 60, seed=2))[:70])
+    project_id = ls.projects.create(title="annotate failed tab", label_config=BOXES).id
+    ls.import_storage.local.create(project=project_id, path=str(folder), use_blob_urls=True)
+    ls.projects.import_tasks(id=project_id, request=[
+        {"data": {"image": f"/data/local-files/?d=failing/{name}", "shelf": f"shelf {name}"}}
+        for name in ("good.png", "later.png", "corrupt.png")])
+    good, missing, corrupt = task_ids(ls, project_id)
+
+    def errors() -> dict[int, str]:
+        data = {t: ls.tasks.get(id=t).data for t in (good, missing, corrupt)}
+        assert all(d["shelf"].startswith("shelf ") for d in data.values()), "the task's own data is kept"
+        return {t: d[ERROR_KEY] for t, d in data.items() if ERROR_KEY in d}
+
+    def tab_tasks(link: str) -> list[int]:
+        tab = int(link.rsplit("?tab=", 1)[1])
+        assert link == f"{label_studio}/projects/{project_id}/data?tab={tab}"
+        return sorted(t.id for t in ls.tasks.list(project=project_id, view=tab))
+
+    first = annotate_project(ls, project_id, backend)
+    assert first.done == 1 and sorted(e["task"] for e in first.failed) == [missing, corrupt]
+    causes = errors()
+    assert set(causes) == {missing, corrupt}
+    assert "later.png" in causes[missing] and "404" in causes[missing] and not causes[missing].startswith("task ")
+    assert "corrupt or truncated" in causes[corrupt]
+    link = first.outputs["failed tasks"]
+    assert tab_tasks(link) == [missing, corrupt]
+    columns = httpx.get(f"{label_studio}/api/dm/columns", params={"project": project_id},
+                        headers={"Authorization": f"Token {LEGACY_TOKEN}"}).json()["columns"]
+    assert ERROR_KEY in {c["id"] for c in columns}, "the cause is a Data Manager column"
+
+    (folder / "later.png").write_bytes(encode(make_image(80, 60, seed=3)))
+    second = annotate_project(ls, project_id, backend)
+    assert second.done == 1 and [e["task"] for e in second.failed] == [corrupt]
+    assert set(errors()) == {corrupt} and second.outputs["failed tasks"] == link, "the same tab, refreshed"
+    assert tab_tasks(link) == [corrupt]
+
+    (folder / "corrupt.png").write_bytes(encode(make_image(80, 60, seed=2)))
+    third = annotate_project(ls, project_id, backend)
+    assert third.ok and third.done == 1 and errors() == {} and "failed tasks" not in third.outputs
+    assert FAILED_TAB not in {(plain(v).get("data") or {}).get("title") for v in ls.views.list(project=project_id)}
+
+    stale = ls.tasks.get(id=good).data | {ERROR_KEY: "an earlier run's error (e.g. of another model version)"}
+    ls.tasks.update(id=good, data=stale)
+    fourth = annotate_project(ls, project_id, backend)
+    assert fourth.skipped["already predicted"] == 3 and errors() == {}, "a task done with this version has no error"
+
+
+def test_folder_mode_names_the_file_a_model_fails_on_and_logs_nothing_during_the_run(tiny_models, tmp_path, caplog):
+    """SAM keeps the aspect ratio: a 1 x 1200 sliver leaves its short side 0 pixels at the tiny SAM's 256 px (as a
+    1 x 5000 one does at a real SAM's 1024), a real model failure on this image only."""
+    from ml_backend.labelstudio.annotate import run_annotate
+
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "normal.png").write_bytes(encode(make_image(160, 90)))
+    sliver = np.random.default_rng(0).integers(0, 255, (1, 1200, 3), dtype=np.uint8)
+    (folder / "sub" / "sliver.png").write_bytes(encode(Image.fromarray(sliver)))
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text("box_threshold: 0\ntext_threshold: 0\nlabels:\n  Car: car\n")
+    overrides = dict(detector=str(tiny_models["detector"]), segmenter=str(tiny_models["segmenter"]), prompts=prompts,
+                     model_dir=tmp_path / "models")
+    with caplog.at_level("INFO"):
+        report, _ = run_annotate(folder, None, tmp_path / "out", overrides)
+    assert report.done == 1
+    (failed,) = report.failed
+    assert failed["task"] == "sub/sliver.png" and failed["error"]["kind"] == "inference"
+    assert failed["error"]["message"].startswith("the model failed on this image (sub/sliver.png): ")
+    assert [r.getMessage() for r in caplog.records if r.levelname in ("WARNING", "ERROR")] == [], "listed once, after the run"

@@ -393,7 +393,7 @@ def test_auto_annotation_module_returns_masks_or_polygons_per_label_type(auto_an
     function = auto_annotation("shape=str:Car=mask,bottle=polygon")
     types = {label.name: label.type for label in function.spec.labels}
     assert types == {"Bottle": "polygon", "Can": "rectangle", "Car": "mask", "Person": "rectangle"}
-    image = make_image(160, 120, seed=3)
+    image = make_image(160, 120, seed=5)  # the tiny detector finds a Bottle in it (its polygon)
     shapes = function.detect(Context(conf_threshold=0.0), image)
     by_type = {}
     for s in shapes:

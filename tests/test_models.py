@@ -14,6 +14,7 @@ from torchvision.ops import box_iou
 
 from ml_backend.errors import ModelUnavailableError
 from ml_backend.models import build_detector, build_segmenter
+from ml_backend.models.registry import tiny_kinds
 from ml_backend.models.sam import EmbeddingCache
 from ml_backend.ontology import PromptsFile
 
@@ -33,8 +34,6 @@ def test_tiny_models_cli_writes_loadable_models_offline(tmp_path):
     assert (tmp_path / "detector" / "tokenizer.json").exists()
     assert detector.detect(images()[:1], PromptsFile().ontology(["car"]))[0].xyxy.shape[1] == 4
     assert segmenter.segment(images()[0], boxes=np.array([[0, 0, 50, 50]]))[0].shape == (1, 90, 160)
-    from ml_backend.models.registry import tiny_kinds
-
     for kind in tiny_kinds():  # and one of every registered kind, as its family loads it
         assert (tmp_path / kind).is_dir() and f"{kind}: " in done.stdout, kind
 
@@ -177,7 +176,8 @@ def test_head_by_head_global_attention_matches_transformers_sam(tiny_models):
     reference = SamModel.from_pretrained(tiny_models["segmenter"]).eval()
     lean = lean_global_attention(SamModel.from_pretrained(tiny_models["segmenter"]).eval())
     assert any(type(layer.attn).__name__ == "HeadByHeadGlobalAttention" for layer in lean.vision_encoder.layers)
-    pixels = torch.randn(2, 3, 64, 64)
+    size = reference.config.vision_config.image_size
+    pixels = torch.randn(2, 3, size, size)
     with torch.inference_mode():
         assert torch.allclose(reference.get_image_embeddings(pixels), lean.get_image_embeddings(pixels), atol=1e-5)
 
@@ -206,3 +206,51 @@ def test_a_pipeline_known_by_model_ids_only_versions_like_the_loaded_one(base_pi
     assert ids_only.model_version(ontology) == base_pipeline.model_version(ontology)
     with pytest.raises(RuntimeError, match="not loaded in this process"):
         ids_only.detect([np.zeros((8, 8, 3), np.uint8)], ontology)
+
+
+# -- every tiny kind takes any image shape -------------------------------------------------------------------------
+SHAPES = {"square": (300, 300), "tall-thin": (1000, 20), "1-px-high": (1, 200), "1-px-wide": (200, 1)}  # (h, w)
+
+
+@pytest.fixture(scope="module")
+def tiny_kind_models(tmp_path_factory, tiny_models):
+    """Every tiny kind built for its roles, once, plus the default tiny detector (for SAM's boxes)."""
+    from ml_backend.models import build_embedder
+    from ml_backend.models.classifier import build_classifier
+    from ml_backend.models.registry import CLASSIFIER, DETECTOR, EMBEDDER, SEGMENTER
+    from ml_backend.models.tiny import write_tiny_kinds
+
+    cpu, root = torch.device("cpu"), tmp_path_factory.mktemp("any-shape")
+    builders = {DETECTOR: build_detector, SEGMENTER: build_segmenter, CLASSIFIER: build_classifier,
+                EMBEDDER: lambda ref, model_dir, device: build_embedder(ref, model_dir, device)}
+    refs = write_tiny_kinds(root)
+    built = {kind: {role: builders[role](refs[kind], root, cpu) for role in family.roles}
+             for kind, (family, _) in tiny_kinds().items()}
+    return built, build_detector(str(tiny_models["detector"]), root, cpu)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("kind", sorted(tiny_kinds()))
+def test_every_tiny_kind_takes_square_thin_and_one_pixel_images_through_the_engine(kind, shape, tiny_kind_models, tmp_path):
+    from ml_backend.engine import ClassifyRequest, Engine, RequestSpec
+    from ml_backend.media import MediaItem
+    from ml_backend.settings import Settings
+
+    built, default_detector = tiny_kind_models
+    roles = built[kind]
+    prompts = PromptsFile(labels={"Car": ["car", "truck"], "Person": "person"}, box_threshold=0.0, text_threshold=0.0)
+    engine = Engine(roles.get("detector", default_detector), roles.get("segmenter"), prompts, Settings(model_dir=tmp_path),
+                    roles.get("classifier"))
+    h, w = SHAPES[shape]
+    image = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+    classify = (ClassifyRequest("scene", prompts.classification(["street", "shop"])),) if "classifier" in roles else ()
+    spec = RequestSpec(engine.ontology(), classify, masks="segmenter" in roles)
+    (result,) = engine.run([MediaItem(image, f"{shape}.png")], spec)
+    assert result.error is None, result.error
+    if "segmenter" in roles:
+        assert len(result.detections) and result.detections.mask.shape == (len(result.detections), h, w)
+    if classify:
+        assert result.classes[0].probs.shape == (1, 2)
+    if "embedder" in roles:  # review embeddings: the image and a box covering it
+        whole, boxes = roles["embedder"].embed(image, np.array([[0, 0, w, h]], np.float32))
+        assert np.isfinite(whole).all() and boxes.shape[0] == 1 and np.isfinite(boxes).all()

@@ -19,10 +19,12 @@ from urllib.parse import quote
 from .. import coco
 from ..errors import ConfigError, PrelabelError
 from ..media import MediaItem
-from ..runner import Report, chunks, run_batches
+from ..runner import Report, chunks, listed_after_the_run, run_batches
 from ..settings import Settings
 from .config import parse_config
 from .stack import label_config
+
+RUN_LOGGERS = ("ml_backend.engine", "ml_backend.labelstudio.backend")  # what names a failed image as it happens
 
 if TYPE_CHECKING:  # the engine (torch, the models) is imported where a run needs it: rank, effort and records don't
     from .backend import LabelStudioBackend
@@ -30,6 +32,10 @@ if TYPE_CHECKING:  # the engine (torch, the models) is imported where a run need
 log = logging.getLogger(__name__)
 
 TASK_FIELDS = "id,data,predictions_model_versions,total_annotations"
+ERROR_KEY = "prelabel_error"  # task data key: why the last run could not pre-annotate the task
+FAILED_TAB = "prelabel: failed"
+FAILED_FILTER = {"conjunction": "and", "items": [
+    {"filter": f"filter:tasks:data.{ERROR_KEY}", "operator": "empty", "type": "String", "value": False}]}
 PAGE_SIZE = 500
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -63,12 +69,16 @@ def open_project(client, project_id: int):
         raise
 
 
-def pending_tasks(client, project_id: int, version: str, only_unlabeled: bool, limit: int | None) -> tuple[list[dict], dict]:
-    """Tasks (id, data) without a prediction of `version` (and, with `only_unlabeled`, without annotations)."""
+def pending_tasks(client, project_id: int, version: str, only_unlabeled: bool, limit: int | None,
+                  settled: list[dict] | None = None) -> tuple[list[dict], dict]:
+    """Tasks (id, data) without a prediction of `version` (and, with `only_unlabeled`, without annotations).
+    `settled` collects the tasks that have one but still carry an error of an earlier run."""
     todo, skipped = [], {"already predicted": 0, "labeled": 0}
     for task in client.tasks.list(project=project_id, fields="all", include=TASK_FIELDS, page_size=PAGE_SIZE):
         if version in (task.predictions_model_versions or "").split(","):
             skipped["already predicted"] += 1
+            if settled is not None and (task.data or {}).get(ERROR_KEY):
+                settled.append({"id": task.id, "data": task.data})
         elif only_unlabeled and task.total_annotations:
             skipped["labeled"] += 1
         else:
@@ -100,6 +110,41 @@ def push_predictions(client, project_id: int, tasks: list[dict], entries: list[d
     ]
     if predictions:
         client.projects.import_predictions(id=project_id, request=predictions)
+
+
+def record_errors(client, project_id: int, tasks: list[dict], entries: list[dict]) -> None:
+    """Each failed task's cause in its data under ERROR_KEY (a Data Manager column); a task that succeeded loses an
+    earlier run's. The data is read back unresolved (as imported, not as presigned URLs) and written whole; read
+    from the task list, as reading one task asks a connected ML backend for its predictions."""
+    changes = {}
+    for task, entry in zip(tasks, entries):
+        error = entry["error"]["message"].removeprefix(f"task {task['id']}: ") if "error" in entry else None
+        if error != (task.get("data") or {}).get(ERROR_KEY):
+            changes[task["id"]] = error
+    if not changes:
+        return
+    ids = [{"filter": "filter:tasks:id", "operator": "equal", "type": "Number", "value": t} for t in changes]
+    query = json.dumps({"filters": {"conjunction": "or", "items": ids}})
+    for task in client.tasks.list(project=project_id, query=query, resolve_uri=False, fields="all", include="id,data"):
+        error = changes[task.id]
+        data = {k: v for k, v in (task.data or {}).items() if k != ERROR_KEY} | ({ERROR_KEY: error} if error else {})
+        client.tasks.update(id=task.id, data=data)
+
+
+def refresh_failed_tab(client, project_id: int, url: str | None) -> str | None:
+    """The Data Manager tab FAILED_TAB of the tasks that carry an error, with its column; removed once none does.
+    Returns its link (or its id, without Label Studio's address)."""
+    from .views import find_tab, save_tab, tab_link  # views -> records -> this module
+
+    tab = find_tab(client, project_id, FAILED_TAB)
+    failed = next(iter(client.tasks.list(project=project_id, query=json.dumps({"filters": FAILED_FILTER}),
+                                         fields="all", include="id", page_size=1)), None)
+    if failed is None:
+        if tab is not None:
+            client.views.delete(id=tab)
+        return None
+    tab = save_tab(client, project_id, FAILED_TAB, FAILED_FILTER, tab)
+    return tab_link(url, project_id, tab) if url else f"tab {tab} of project {project_id}"
 
 
 class TaskPredictor:
@@ -135,7 +180,9 @@ def annotate_project(
     config = parse_config(project.label_config)
     ontology = backend.ontology_for(config)
     version = backend.version_for(config, ontology)
-    todo, skipped = pending_tasks(client, project_id, version, only_unlabeled, limit)
+    settled: list[dict] = []
+    todo, skipped = pending_tasks(client, project_id, version, only_unlabeled, limit, settled)
+    record_errors(client, project_id, settled, [{} for _ in settled])
     report = Report(total=len(todo), skipped=skipped, model_version=version)
     log.info("project %s: %d tasks to pre-annotate with %s (%s)", project_id, len(todo), version,
              ", ".join(f"{n} {why}" for why, n in skipped.items()))
@@ -146,18 +193,19 @@ def annotate_project(
     def sink(tasks: list[dict], entries: list[dict]) -> None:
         nonlocal selected
         push_predictions(client, project_id, tasks, entries, version)
+        record_errors(client, project_id, tasks, entries)
         if not selected and any("error" not in e for e in entries):
             selected = select_model_version(client, project_id, version)
 
-    if engine is not None:
-        return engine(todo, project.label_config, sink, report)
-    return run_batches(
-        chunks(todo, batch_size),
-        load=lambda tasks: backend.load_tasks(tasks, config),
-        infer=lambda loaded: backend.infer(loaded, config, ontology, version),
-        sink=sink,
-        report=report,
-    )
+    with listed_after_the_run(*RUN_LOGGERS):
+        if engine is not None:
+            engine(todo, project.label_config, sink, report)
+        else:
+            run_batches(chunks(todo, batch_size), load=lambda tasks: backend.load_tasks(tasks, config),
+                        infer=lambda loaded: backend.infer(loaded, config, ontology, version), sink=sink, report=report)
+    if tab := refresh_failed_tab(client, project_id, backend.settings.label_studio_url):
+        report.outputs["failed tasks"] = tab
+    return report
 
 
 # -- folder mode -------------------------------------------------------------------------------------------------
@@ -196,6 +244,12 @@ def _read_journal(path: Path, version: str) -> dict[str, dict]:
             if record.get("model_version") == version:
                 done[record["file"]] = record
     return done
+
+
+def by_file(entry: dict, task: dict, name: str) -> dict:
+    """A folder-mode failure named by its file `name` (as the user knows it), not by task id and local-files URL."""
+    message = entry["error"]["message"].removeprefix(f"task {task['id']}: ").replace(task["data"]["image"], name)
+    return {"task": name, "error": entry["error"] | {"message": message if name in message else f"{name}: {message}"}}
 
 
 def annotate_folder(
@@ -237,7 +291,9 @@ def annotate_folder(
 
     def infer(loaded):
         annotations.clear()
-        return backend.infer(loaded, config, ontology, version, on_image=on_image)
+        entries = backend.infer(loaded, config, ontology, version, on_image=on_image)
+        return [by_file(e, t, files[t["id"]].relative_to(folder).as_posix()) if "error" in e else e
+                for t, e in zip(loaded.tasks, entries)]
 
     with out.journal.open("a") as journal:
 
@@ -251,7 +307,8 @@ def annotate_folder(
                                           "prediction": entry, "coco": anns}) + "\n")
             journal.flush()
 
-        run_batches(chunks(todo, batch_size), lambda tasks: backend.load_tasks(tasks, config), infer, sink, report)
+        with listed_after_the_run(*RUN_LOGGERS):
+            run_batches(chunks(todo, batch_size), lambda tasks: backend.load_tasks(tasks, config), infer, sink, report)
     _assemble(out, _read_journal(out.journal, version), files, root, ontology.names, url_prefix)
     report.outputs = {k: str(v) for k, v in vars(out).items()}
     return report

@@ -251,6 +251,8 @@ def run_up(images: Path, data_dir: Path | None, port: int, backend_port: int, ov
             raise KeyboardInterrupt
         for error in report.failed:
             warn(error["error"]["message"])
+        if "failed tasks" in report.outputs:
+            warn(f"failed tasks (Data Manager tab): {report.outputs['failed tasks']}")
         echo(f"API key {creds.token} (Label Studio at {studio.url}); `rank`, `annotate --project`, `review` and "
              f"`effort` run from here find both by themselves while this runs; for other tools: "
              f"set -a; . {stack.path}; set +a")

@@ -108,7 +108,8 @@ class GroundingDinoDetector:
     # -- inference ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def _forward(self, images: list[np.ndarray], caption: str) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = self.processor(images=images, text=[caption] * len(images), return_tensors="pt").to(self.device)
+        inputs = self.processor(images=images, text=[caption] * len(images), return_tensors="pt",
+                                input_data_format="channels_last").to(self.device)
         outputs = self.model(**inputs)
         return outputs.logits.sigmoid().float().cpu(), outputs.pred_boxes.float().cpu()
 
@@ -152,7 +153,7 @@ class GroundingDinoDetector:
     @torch.inference_mode()
     def feature_map(self, image: np.ndarray) -> FeatureMap:
         """The backbone's last stage (Swin) on one image: no padding beyond the resize."""
-        inputs = self.processor.image_processor(images=[image], return_tensors="pt").to(self.device)
+        inputs = self.processor.image_processor(images=[image], return_tensors="pt", input_data_format="channels_last").to(self.device)
         with self._lock:
             feats, _ = self.model.model.backbone.conv_encoder(inputs["pixel_values"], inputs["pixel_mask"])[-1]
         feats = feats.float().cpu()

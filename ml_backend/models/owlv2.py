@@ -56,7 +56,8 @@ class OwlDetector:
 
     @torch.inference_mode()
     def _forward(self, images: list[np.ndarray], prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs = self.processor(images=images, text=[prompts] * len(images), return_tensors="pt").to(self.device)
+        inputs = self.processor(images=images, text=[prompts] * len(images), return_tensors="pt",
+                                input_data_format="channels_last").to(self.device)
         with self._lock:
             outputs = self.model(**inputs)
         return outputs.logits.sigmoid().float().cpu(), outputs.pred_boxes.float().cpu()
@@ -80,7 +81,8 @@ class OwlDetector:
     @torch.inference_mode()
     def feature_map(self, image: np.ndarray) -> FeatureMap:
         """The vision tower's patch embeddings (merged with the class token, as the heads see them)."""
-        pixels = self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"].to(self.device)
+        pixels = self.processor.image_processor(images=[image], return_tensors="pt", input_data_format="channels_last")
+        pixels = pixels["pixel_values"].to(self.device)
         with self._lock:
             embeds = self.model.image_embedder(pixel_values=pixels)[0]
         feats = embeds.permute(0, 3, 1, 2).float().cpu()  # (1, D, gh, gw)

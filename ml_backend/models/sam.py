@@ -120,7 +120,7 @@ class HfSamSegmenter(CachedEncoding):
 
     @torch.inference_mode()
     def _encode(self, image: np.ndarray):
-        inputs = self.processor(images=image, return_tensors="pt")
+        inputs = self.processor(images=image, return_tensors="pt", input_data_format="channels_last")
         with self._lock:
             embeddings = self.model.get_image_embeddings(inputs["pixel_values"].to(self.device))
         return embeddings, inputs["original_sizes"], inputs["reshaped_input_sizes"]

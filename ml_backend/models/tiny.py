@@ -44,9 +44,12 @@ def write_tiny_detector(out: Path, seed: int = 0, family: str = "grounding-dino"
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = BertTokenizerFast(vocab=str(write_vocab(Path(tmp) / "vocab.txt")), do_lower_case=True)
+    # every image is stretched to 64 x 64 (boxes are relative, so they map back to any shape): the feature levels
+    # (stages 1-3 at 16, 8 and 4 cells, the extra level at 2) never collapse to the 1 x 1 a group norm rejects, as
+    # an aspect-preserving resize of a square or very thin image would
     backbone = SwinConfig(
-        window_size=7, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1], image_size=64,
-        out_features=["stage2", "stage3", "stage4"], out_indices=[2, 3, 4],
+        window_size=7, embed_dim=8, depths=[1, 1, 1], num_heads=[1, 1, 1], image_size=64,
+        out_features=["stage1", "stage2", "stage3"], out_indices=[1, 2, 3],
     )
     text = dict(
         model_type="bert", vocab_size=len(tokenizer), hidden_size=8, num_hidden_layers=2, num_attention_heads=2,
@@ -59,9 +62,15 @@ def write_tiny_detector(out: Path, seed: int = 0, family: str = "grounding-dino"
         num_queries=10, num_feature_levels=4, encoder_n_points=2, decoder_n_points=2, max_text_len=32,
     )
     AutoModelForZeroShotObjectDetection.from_config(config).eval().save_pretrained(out)
-    image_processor = GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 96})
+    image_processor = GroundingDinoImageProcessor(size={"height": 64, "width": 64})
     GroundingDinoProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     return out
+
+
+# SAM keeps the aspect ratio (longest side to SAM_SIZE): a side shorter than 1 / (2 * SAM_SIZE) of the longest rounds
+# to 0 pixels and fails, as with any SAM (the real ones at 1024 px); at 256 a 1-pixel-high image may be 512 wide.
+# A 4 x 4 grid of patches keeps the encoder as cheap as at 64 px.
+SAM_SIZE = 256
 
 
 def write_tiny_segmenter(out: Path, seed: int = 0) -> Path:
@@ -79,18 +88,19 @@ def write_tiny_segmenter(out: Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     config = SamConfig(
         vision_config=SamVisionConfig(
-            hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=4, image_size=64,
-            patch_size=16, window_size=2, global_attn_indexes=[1], mlp_dim=64, num_pos_feats=16,
+            hidden_size=32, output_channels=32, num_hidden_layers=2, num_attention_heads=4, image_size=SAM_SIZE,
+            patch_size=SAM_SIZE // 4, window_size=2, global_attn_indexes=[1], mlp_dim=64, num_pos_feats=16,
             initializer_range=0.02,  # the default 1e-10 gives all-zero (subnormal) image features
         ),
-        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=32, image_size=64, patch_size=16, mask_input_channels=4),
+        prompt_encoder_config=SamPromptEncoderConfig(hidden_size=32, image_size=SAM_SIZE, patch_size=SAM_SIZE // 4,
+                                                     mask_input_channels=4),
         mask_decoder_config=SamMaskDecoderConfig(
             hidden_size=32, mlp_dim=64, num_hidden_layers=2, num_attention_heads=4, iou_head_hidden_dim=32
         ),
     )
     SamModel(config).eval().save_pretrained(out)
     image_processor = SamImageProcessor(
-        size={"longest_edge": 64}, pad_size={"height": 64, "width": 64},
+        size={"longest_edge": SAM_SIZE}, pad_size={"height": SAM_SIZE, "width": SAM_SIZE},
         mask_size={"longest_edge": 16}, mask_pad_size={"height": 16, "width": 16},
     )
     SamProcessor(image_processor=image_processor).save_pretrained(out)
