@@ -393,7 +393,7 @@ def test_pretrained_backbone_weights_come_from_the_torch_cache_never_from_the_ne
     assert backbone_weights("imagenet") is ResNet18_Weights.IMAGENET1K_V1
 
 
-@pytest.mark.parametrize("kind", ["owlv2", "owlvit"])  # the tiny Grounding DINO cannot take these square images
+@pytest.mark.parametrize("kind", ["owlv2", "owlvit"])  # teachers other than the default Grounding DINO
 def test_a_teacher_model_is_evaluated_through_the_engine_on_the_held_out_images(shapes, student, kind, tmp_path):
     """Any registered text-prompted detector can be the teacher: it runs through the engine on the validation
     images, and its figures equal an independent COCO evaluation of the same model's own detections."""

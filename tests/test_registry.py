@@ -37,8 +37,8 @@ def kinds_of(role: str) -> list[str]:
 
 
 def awkward_images() -> list[np.ndarray]:
-    """Wide and tall, never square (a square collapses tiny Grounding DINO's last feature map to 1x1)."""
-    return [np.array(make_image(w, h, seed)) for seed, (w, h) in enumerate([(160, 90), (40, 120), (97, 61)])]
+    """Wide, tall, odd-sized and square."""
+    return [np.array(make_image(w, h, seed)) for seed, (w, h) in enumerate([(160, 90), (40, 120), (97, 61), (80, 80)])]
 
 
 ONTOLOGY = PromptsFile(labels={"Car": ["car", "truck"], "Person": ["person"]}, box_threshold=0.0,
@@ -196,7 +196,7 @@ def test_a_classifier_kind_gives_single_choice_probabilities_summing_to_one(kind
     classifier = built(kind, CLASSIFIER)
     classification = PromptsFile().classification(["car", "person", "dog"])
     probs = classifier.probabilities(classifier.embed_images(awkward_images()), classification)
-    assert probs.shape == (3, 3) and ((probs >= 0) & (probs <= 1)).all()
+    assert probs.shape == (len(awkward_images()), 3) and ((probs >= 0) & (probs <= 1)).all()
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
     assert [len(c) for c in classifier.decide(probs, classification)] == [1, 1, 1]
 
