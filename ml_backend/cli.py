@@ -231,6 +231,8 @@ def annotate(
                      label_studio_api_key=api_key)
     ray = dict(actors=ray_actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, address=ray_address)
     with _failing():
+        if project is not None:
+            overrides = _with_stack(overrides)
         result, report = run_annotate(folder, project, out, overrides, url_prefix, only_unlabeled, limit, report,
                                       engine, ray)
     result.write(report)

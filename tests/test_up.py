@@ -110,3 +110,11 @@ def check_next_commands_find_the_stack(model_dir, url, project_id):
                           env=env | {"MODEL_DIR": str(model_dir)}, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{url}/projects/{project_id}/data" in done.stdout and url in done.stderr
+    tiny = model_dir / "tiny-models"
+    done = subprocess.run([sys.executable, "-m", "ml_backend.cli", "annotate", "--project", str(project_id),
+                           "--detector", str(tiny / "detector"), "--segmenter", str(tiny / "segmenter"),
+                           "--prompts", str(model_dir.parent / "prompts.yaml")],
+                          env=env | {"MODEL_DIR": str(model_dir), "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 of 0 tasks pre-annotated" in done.stdout and "3 skipped (already predicted)" in done.stdout, done.stdout

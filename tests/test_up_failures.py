@@ -27,11 +27,11 @@ def test_up_isolates_a_corrupt_image_and_takes_images_of_any_shape(tmp_path):
         pixels = np.random.default_rng(h).integers(0, 255, (h, w, 3), dtype=np.uint8)
         (images / name).write_bytes(encode(Image.fromarray(pixels)))
     (images / "corrupt.png").write_bytes(encode(make_image(80, 60))[:70])
-    data_dir = tmp_path / ".prelabel" / "label-studio"
-    data_dir.parent.mkdir(parents=True)
+    model_dir = tmp_path / ".prelabel"
+    data_dir = model_dir / "label-studio"
     port, backend_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
-    process, ready, lines = run_up(images, data_dir, port, backend_port)
+    process, ready, lines = run_up(images, model_dir, port, backend_port)
     try:
         output = "".join(lines)
         assert "3 pre-annotated" in ready and "1 failed" in ready, output
