@@ -22,7 +22,7 @@ ISSUE_TYPES = ("overlooked", "badloc", "swap")
 @dataclass
 class LabelIssues:
     """cleanlab's findings in neutral form: per image, the label boxes' scores and the predicted boxes' overlooked
-    scores (lower = more likely a mistake) and the flags cleanlab's own thresholds give."""
+    scores (lower = more likely a mistake) and the flags `find_label_issues` gives them."""
 
     classes: list[str]
     label_scores: dict[str, list[np.ndarray]] = field(default_factory=dict)  # badloc / swap, per image per label
@@ -53,24 +53,75 @@ def cleanlab_inputs(labels: list[tuple[np.ndarray, list[str]]],
     return cl_labels, cl_preds, orders
 
 
-# cleanlab's defaults (0.95 / 0.5) suit trained detectors; zero-shot detectors' confident boxes score 0.4-0.8
-HIGH_PROBABILITY, LOW_PROBABILITY = 0.5, 0.3
-# cleanlab's per-class thresholds (AP-scaled) miss many clear cases on small or noisy sets; a score under this is
-# flagged too (on generated data injected errors score < 0.2, correct labels >= 0.2 in 99%)
-ISSUE_SCORE = 0.2
+# cleanlab's defaults (0.95 / 0.5) suit trained detectors; zero-shot detectors' confident boxes score 0.4-0.8.
+# LOW_PROBABILITY: predictions above it count for badly located labels. A prediction counts as confident (for
+# overlooked and swapped labels) above the 5th percentile of the confidences of predictions a label confirms (the
+# model's own confidence on real objects), at most HIGH_PROBABILITY.
+HIGH_PROBABILITY, LOW_PROBABILITY, CONFIRMED_PERCENTILE = 0.5, 0.3, 5
+# a label pairs with a prediction of its class at IoU >= MATCH_IOU (one to one, best overlap first); a prediction
+# that no label pairs with is explained by a label of another class at IoU >= SWAP_IOU (a swapped class)
+MATCH_IOU, SWAP_IOU = 0.3, 0.5
+# flag cuts (scores run 0-1, lower = more suspicious; cleanlab's similarity ~ 0.9 IoU + 0.1 closeness): a swap score
+# under SWAP_CUT means a confident prediction of another class covers the box (IoU >~ 0.5); a badloc score is
+# flagged when it is an outlier among all labels' badloc scores (median - 4 robust SDs), the cut kept within
+# BADLOC_CUT (under 0.25 always a mistake, over 0.65 the box still overlaps its prediction at IoU ~0.7).
+# cleanlab's own per-class thresholds flag too.
+SWAP_CUT, BADLOC_CUT, OUTLIER_SDS = 0.5, (0.25, 0.65), 4.0
 
 
-def find_label_issues(labels, predictions, classes: list[str], high_probability_threshold: float = HIGH_PROBABILITY,
+def match(pred_boxes: np.ndarray, pred_names, label_boxes: np.ndarray, label_names, min_iou: float) -> np.ndarray:
+    """Per prediction the index of the label of its class it pairs with (-1: none); greedy, highest IoU first."""
+    paired = np.full(len(pred_boxes), -1)
+    if not len(pred_boxes) or not len(label_boxes):
+        return paired
+    same = np.asarray(pred_names, object)[:, None] == np.asarray(label_names, object)[None, :]
+    iou = box_iou(pred_boxes, label_boxes) * same
+    used = set()
+    for p, l in zip(*np.unravel_index(np.argsort(-iou, axis=None), iou.shape)):
+        if iou[p, l] < min_iou:
+            break
+        if paired[p] < 0 and l not in used:
+            paired[p] = l
+            used.add(l)
+    return paired
+
+
+def confident_threshold(labels, predictions) -> float:
+    """The confidence above which a prediction counts as a real object: CONFIRMED_PERCENTILE of the confidences of
+    the predictions that labels confirm, at most HIGH_PROBABILITY (which also applies when nothing is confirmed)."""
+    confirmed = [pscore[match(np.asarray(pbox).reshape(-1, 4), pnames, np.asarray(lbox).reshape(-1, 4), lnames,
+                              0.5) >= 0]
+                 for (lbox, lnames), (pbox, pnames, pscore) in zip(labels, predictions)]
+    confirmed = np.concatenate([np.zeros(0), *confirmed])
+    return float(min(HIGH_PROBABILITY, np.percentile(confirmed, CONFIRMED_PERCENTILE))) if len(confirmed) else \
+        HIGH_PROBABILITY
+
+
+def badloc_cut(scores: list[np.ndarray]) -> float:
+    """The badloc flag cut calibrated on this data: median - OUTLIER_SDS robust SDs (1.4826 MAD) of the scores of
+    labels that a prediction locates (score < 1), within BADLOC_CUT."""
+    located = np.concatenate([np.zeros(0), *scores])
+    located = located[located < 1]
+    if len(located) < 5:
+        return BADLOC_CUT[0]
+    median = np.median(located)
+    return float(np.clip(median - OUTLIER_SDS * 1.4826 * np.median(np.abs(located - median)), *BADLOC_CUT))
+
+
+def find_label_issues(labels, predictions, classes: list[str], high_probability_threshold: float | None = None,
                       low_probability_threshold: float = LOW_PROBABILITY) -> LabelIssues:
-    """Per-box scores and flags, computed as `cleanlab.object_detection.filter.find_label_issues` does (same
-    scores, same per-class thresholds) but kept per box so that each object can be flagged and ranked. Predicted
-    boxes above `high_probability_threshold` count for overlooked and swapped labels, those above
-    `low_probability_threshold` for badly located ones."""
-    from cleanlab.internal.constants import (ALPHA, BADLOC_THRESHOLD_FACTOR, OVERLOOKED_THRESHOLD_FACTOR,
-                                             SWAP_THRESHOLD_FACTOR)
+    """Per-box scores (cleanlab's, as `cleanlab.object_detection.filter.find_label_issues` computes them) and flags,
+    kept per box so that each object can be flagged and ranked. Predicted boxes above `high_probability_threshold`
+    (default: `confident_threshold`) count for overlooked and swapped labels, those above
+    `low_probability_threshold` for badly located ones. Labels are flagged by the cuts above; a prediction is
+    overlooked when it is confident, no label of its class pairs with it and no label of another class explains it
+    (its score: cleanlab's, or 1 - confidence where cleanlab leaves it unscored)."""
+    from cleanlab.internal.constants import ALPHA, BADLOC_THRESHOLD_FACTOR, SWAP_THRESHOLD_FACTOR
     from cleanlab.object_detection import filter as clf
     from cleanlab.object_detection import rank
 
+    if high_probability_threshold is None:
+        high_probability_threshold = confident_threshold(labels, predictions)
     # cleanlab reads a 3-class prediction whose class 0 has 5 boxes (and equal counts in classes 1 and 2) as its
     # other format; a 4th, empty class keeps the format unambiguous
     padded = classes + ["\0unused"] if len(classes) == 3 else classes
@@ -78,10 +129,9 @@ def find_label_issues(labels, predictions, classes: list[str], high_probability_
     aux = rank._get_valid_inputs_for_compute_scores(ALPHA, cl_labels, cl_preds)
     per_class_ap = clf._get_per_class_ap(cl_labels, cl_preds)
     lab_thr = clf._process_class_list([rank._separate_label(lab)[1] for lab in cl_labels], per_class_ap)
-    pred_thr = clf._process_class_list([rank._separate_prediction(p)[1] for p in cl_preds], per_class_ap)
 
-    def flags(scores, thresholds, factor):
-        return [np.array([(1.0 if np.isnan(s) else s) <= max(t * factor, ISSUE_SCORE) for s, t in zip(sc, th)], bool)
+    def flags(scores, thresholds, factor, cut):
+        return [np.array([(1.0 if np.isnan(s) else s) <= max(t * factor, cut) for s, t in zip(sc, th)], bool)
                 for sc, th in zip(scores, thresholds)]
 
     overlooked = rank.compute_overlooked_box_scores(alpha=ALPHA, high_probability_threshold=high_probability_threshold,
@@ -90,26 +140,24 @@ def find_label_issues(labels, predictions, classes: list[str], high_probability_
                                             auxiliary_inputs=aux)
     swap = rank.compute_swap_box_scores(alpha=ALPHA, high_probability_threshold=high_probability_threshold,
                                         auxiliary_inputs=aux)
-    for i, lab in enumerate(cl_labels):
-        # cleanlab leaves a prediction unscored (NaN) on an image without labels, or when it overlaps a label of
-        # another class; a confident prediction that no same-class label covers is overlooked as it is confident
-        preds = np.vstack(cl_preds[i])
-        if len(preds):
-            pred_labels = np.concatenate([np.full(len(p), k) for k, p in enumerate(cl_preds[i])])
-            same_class = pred_labels[:, None] == lab["labels"][None, :]
-            same = (box_iou(preds[:, :4], lab["bboxes"]) * same_class).max(1, initial=0)
-            uncovered = np.where(same < 0.1, 1.0 - preds[:, 4], 1.0)
-            overlooked[i] = np.fmin(np.where(np.isnan(overlooked[i]), 1.0, overlooked[i]), uncovered)
-    over_flags = flags(overlooked, pred_thr, OVERLOOKED_THRESHOLD_FACTOR)
     # back from cleanlab's class-by-class order to ours
     unsort = [np.argsort(o) if len(o) else o for o in orders]
     issues = LabelIssues(classes=classes)
-    issues.overlooked = [np.nan_to_num(s, nan=1.0)[u] for s, u in zip(overlooked, unsort)]
-    issues.overlooked_flags = [f[u] for f, u in zip(over_flags, unsort)]
+    for i, ((lbox, lnames), (pbox, pnames, pscore)) in enumerate(zip(labels, predictions)):
+        # cleanlab leaves unscored (NaN) a prediction that overlaps any label, e.g. an unlabeled object next to a
+        # labeled one of its class: whether a label pairs with it decides
+        pbox, lbox, pscore = np.asarray(pbox).reshape(-1, 4), np.asarray(lbox).reshape(-1, 4), np.asarray(pscore)
+        unpaired = match(pbox, pnames, lbox, lnames, MATCH_IOU) < 0
+        other = np.asarray(pnames, object)[:, None] != np.asarray(lnames, object)[None, :]
+        explained = (box_iou(pbox, lbox) * other).max(1, initial=0) >= SWAP_IOU if len(pbox) else unpaired
+        candidate = unpaired & ~explained
+        cl_score = np.nan_to_num(overlooked[i][unsort[i]], nan=1.0) if len(pbox) else np.zeros(0)
+        issues.overlooked.append(np.where(candidate, np.fmin(cl_score, 1.0 - pscore), 1.0))
+        issues.overlooked_flags.append(candidate & (pscore >= high_probability_threshold))
     issues.label_scores = {"badloc": [np.nan_to_num(s, nan=1.0) for s in badloc],
                            "swap": [np.nan_to_num(s, nan=1.0) for s in swap]}
-    issues.label_flags = {"badloc": flags(badloc, lab_thr, BADLOC_THRESHOLD_FACTOR),
-                          "swap": flags(swap, lab_thr, SWAP_THRESHOLD_FACTOR)}
+    issues.label_flags = {"badloc": flags(badloc, lab_thr, BADLOC_THRESHOLD_FACTOR, badloc_cut(issues.label_scores["badloc"])),
+                          "swap": flags(swap, lab_thr, SWAP_THRESHOLD_FACTOR, SWAP_CUT)}
     with contextlib.redirect_stdout(io.StringIO()):  # it prints a "Pruning 0 predictions" note
         issues.image_scores = rank.get_label_quality_scores(cl_labels, cl_preds)
     return issues
@@ -160,8 +208,10 @@ def mistakenness(dataset) -> None:
 
 def store_label_issues(dataset) -> LabelIssues | None:
     """cleanlab on every annotated sample with predictions: on each ground-truth object `label_issue` (bool),
-    `issue_type`, `issue_score`; on each prediction `overlooked` (bool) and `overlooked_score`; per sample
-    `label_quality` and `label_issues` (count)."""
+    `issue_type` and `issue_score`; on each prediction `overlooked` (bool), `issue_type` and `overlooked_score`;
+    per sample `label_quality` and `label_issues` (count). `issue_type` is on every object: what it was flagged for
+    (labels: `swap` = wrong class, before `badloc` = badly located; predictions: `overlooked`), else `none`.
+    Scores run 0-1, lower = more suspicious."""
     view = dataset.exists(GT).exists(PRED)
     if len(view) == 0:
         return None
@@ -175,15 +225,15 @@ def store_label_issues(dataset) -> LabelIssues | None:
         count = 0
         for j, det in enumerate(sample[GT].detections):
             bad, swap = issues.label_scores["badloc"][i][j], issues.label_scores["swap"][i][j]
-            flagged = {t: bool(issues.label_flags[t][i][j]) for t in ("badloc", "swap")}
-            kind = min(("badloc", bad), ("swap", swap), key=lambda t: t[1])[0]
+            flagged = [t for t in ISSUE_TYPES[::-1] if t != "overlooked" and issues.label_flags[t][i][j]]
             det["issue_score"] = float(min(bad, swap))
-            det["issue_type"] = kind if any(flagged.values()) else None
-            det["label_issue"] = any(flagged.values())
+            det["issue_type"] = flagged[0] if flagged else "none"
+            det["label_issue"] = bool(flagged)
             count += det["label_issue"]
         for j, det in enumerate(sample[PRED].detections):
             det["overlooked_score"] = float(issues.overlooked[i][j])
             det["overlooked"] = bool(issues.overlooked_flags[i][j])
+            det["issue_type"] = "overlooked" if det["overlooked"] else "none"
             count += det["overlooked"]
         sample["label_quality"] = float(issues.image_scores[i])
         sample["label_issues"] = count
