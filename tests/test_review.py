@@ -18,7 +18,7 @@ from benchmarks.review import synthetic_records
 from ml_backend.errors import ConfigError
 from ml_backend.labelstudio.convert import mask_to_rle
 from ml_backend.review.dataset import configure_fiftyone, stop_database
-from ml_backend.review.stats import label_stats, print_stats, save_plots
+from ml_backend.review.stats import label_stats, print_stats, save_plots, save_statistics
 from ml_backend.types import LabeledImage, make_detections
 
 from .conftest import LEGACY_TOKEN, encode, free_port, make_image
@@ -345,6 +345,11 @@ def test_injected_label_errors_fill_the_views_and_the_flagged_links(mongodb, emb
     viz = dataset.load_brain_results("ground_truth_viz")
     assert viz.points.shape == (dataset.count("ground_truth.detections"), 2)
     assert len(report.plots) == 4 and all(p.read_bytes()[:4] == b"\x89PNG" for p in report.plots)
+    assert report.statistics == tmp_path / "plots" / "statistics.json"
+    # a refresh without embeddings keeps the near duplicates found before
+    refreshed = run_review(records, name, tmp_path / "cache", console=False)
+    assert refreshed.duplicates == report.duplicates and refreshed.views["near duplicates"] >= 2
+    assert {records[0].key, "copy"} <= {f.key for f in refreshed.flagged if "near duplicates" in f.reasons}
     # what --app serves: the App on loopback, showing this dataset
     from ml_backend.review import open_app
 
@@ -408,6 +413,11 @@ def test_label_statistics_on_a_known_dataset_and_plots(tmp_path, capsys):
     assert [p.name for p in written] == ["objects_per_class.png", "images_per_class.png", "box_sizes.png",
                                         "labels_per_image.png"]
     assert all(Image.open(p).size[0] > 100 for p in written)
+    numbers = json.loads(save_statistics(stats, tmp_path / "plots" / "statistics.json").read_text())
+    assert numbers["classes"]["Car"] == {"objects": 13, "images": 2, "rare": False,
+                                         "box_size": {"min": 0.1, "median": 0.1, "max": 0.2}}
+    assert numbers["imbalance"] == 13.0 and numbers["rare"] == ["Person"] and numbers["annotated"] == 3
+    assert numbers["labels_per_image"] == {"min": 0, "median": 3, "max": 11, "histogram": {"0": 1, "3": 1, "11": 1}}
 
 
 # -- the command ---------------------------------------------------------------------------------------------------
@@ -428,6 +438,48 @@ def test_the_review_command_reads_a_cvat_export_and_writes_flagged_tasks_and_plo
     assert len(list((tmp_path / "out" / "plots").glob("*.png"))) == 4
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and "0 added, 2 refreshed, 0 removed" in again.output
+
+
+def test_the_review_flags_each_injected_error_on_its_object_and_in_flagged_json(mongodb, tmp_path):
+    """The whole review (review_folder) on an independent generator's data: flags on the objects, issue_type on every
+    object, flagged.json and statistics.json."""
+    import fiftyone as fo
+
+    from ml_backend.review import review_folder
+
+    from .review_errors import flag_recall, generate
+
+    records, injected = generate(tmp_path / "generated", images=45, seed=7)
+    name = unique("flags")
+    report = review_folder(records, name, tmp_path / "out")
+    dataset = fo.load_dataset(name)
+    label_flags, prediction_flags, types = {}, {}, {}
+    for i, record in enumerate(records):
+        sample = dataset.match(fo.ViewField("key") == record.key).first()
+        for j, det in enumerate(sample.ground_truth.detections):
+            label_flags[(i, j)] = det.label_issue
+            types[(i, j)] = det.issue_type
+            assert det.issue_type in ("swap", "badloc") if det.label_issue else det.issue_type == "none"
+        for j, det in enumerate(sample.prelabel.detections):
+            prediction_flags[(i, j)] = det.overlooked
+            assert det.issue_type == ("overlooked" if det.overlooked else "none")
+    result = flag_recall(injected, label_flags, prediction_flags)
+    assert min(result[k] for k in ("wrong_class", "shifted_box", "missing_label")) >= 0.8, result
+    assert result["false_flag_rate"] <= 0.15, result
+    assert all(types[(e.image, e.index)] == "swap" for e in injected if e.kind == "wrong_class")
+    assert dataset.count("ground_truth.detections.issue_type") == dataset.count("ground_truth.detections")
+    assert dataset.count("prelabel.detections.issue_type") == dataset.count("prelabel.detections")
+    # what people open: the saved view and flagged.json hold every image with an injected error
+    with_errors = {records[e.image].key for e in injected}
+    assert with_errors <= set(dataset.load_saved_view("likely mistakes").values("key"))
+    flagged = json.loads((tmp_path / "out" / "flagged.json").read_text())
+    assert with_errors <= {f["key"] for f in flagged["flagged"] if "likely mistakes" in f["reasons"]}
+    statistics = json.loads((tmp_path / "out" / "plots" / "statistics.json").read_text())
+    assert statistics["annotated"] == len(records) == statistics["images"]
+    assert statistics["objects"] == sum(len(r.annotations) for r in records)
+    assert statistics["classes"]["zebra"]["rare"] and "zebra" in statistics["rare"]
+    assert sum(statistics["labels_per_image"]["histogram"].values()) == len(records)
+    assert report.statistics == tmp_path / "out" / "plots" / "statistics.json"
 
 
 def test_the_review_command_names_a_missing_source(tmp_path):

@@ -15,13 +15,14 @@ from ..media import ImageSource
 from ..settings import Settings
 from ..types import LabeledImage
 from .dataset import GT, PRED, BuildReport, build_dataset, configure_fiftyone
-from .stats import LabelStats, label_stats, print_stats, save_plots
+from .stats import STATISTICS_FILE, LabelStats, label_stats, print_stats, save_plots, save_statistics
 
 log = logging.getLogger(__name__)
 
 VIEWS = ("likely mistakes", "missed by the model", "near duplicates")
 APP_ADDRESS, APP_PORT = "127.0.0.1", 5151
 FLAGGED_FILE = "flagged.json"
+DUPLICATES_INFO = "near_duplicates"  # dataset.info key: the near-duplicate groups (sample keys) last found
 
 __all__ = ["ReviewReport", "run_review", "review_folder", "review_embedder", "launch_app", "configure_fiftyone",
            "VIEWS"]
@@ -45,6 +46,7 @@ class ReviewReport:
     views: dict[str, int] = field(default_factory=dict)  # saved view -> samples
     visualization: str | None = None  # method used for the object map
     plots: list[Path] = field(default_factory=list)
+    statistics: Path | None = None  # the label statistics as JSON, beside the plots
 
 
 def _save_views(dataset, duplicate_ids: list[str]) -> dict[str, int]:
@@ -81,10 +83,10 @@ def run_review(records: list[LabeledImage], name: str, cache_dir: Path, loader: 
         print_stats(stats, console)
     if plots_dir is not None:
         report.plots = save_plots(stats, plots_dir)
+        report.statistics = save_statistics(stats, plots_dir / STATISTICS_FILE)
     report.evaluation = mistakes.evaluate(dataset)
     mistakes.mistakenness(dataset)
     mistakes.store_label_issues(dataset)
-    duplicate_ids: list[str] = []
     if embedder is not None:
         from .embeddings import compute_embeddings, image_level, visualize
 
@@ -96,7 +98,14 @@ def run_review(records: list[LabeledImage], name: str, cache_dir: Path, loader: 
         groups = image_level(dataset, images)
         key_of = dict(zip(dataset.values("id"), dataset.values("key")))
         report.duplicates = [[key_of[i] for i in g] for g in groups]
-        duplicate_ids = sorted({i for g in groups for i in g})
+        dataset.info[DUPLICATES_INFO] = report.duplicates
+        dataset.save()
+    else:  # a refresh without embeddings keeps the groups an earlier run found (of the samples still there)
+        keys = set(dataset.values("key"))
+        report.duplicates = [g for g in ([k for k in g if k in keys] for g in dataset.info.get(DUPLICATES_INFO, []))
+                             if len(g) > 1]
+    id_of = dict(zip(dataset.values("key"), dataset.values("id")))
+    duplicate_ids = sorted({id_of[k] for g in report.duplicates for k in g})
     report.views = _save_views(dataset, duplicate_ids)
     reasons: dict[str, list[str]] = {}
     for view_name in VIEWS:
@@ -123,8 +132,9 @@ def review_embedder(settings: Settings, model: str | None = None):
 
 def review_folder(records: list[LabeledImage], name: str, out: Path, loader: ImageSource | None = None,
                   embedder=None, viz_method: str = "umap", prune: bool = False) -> ReviewReport:
-    """`run_review` with its files under `out`: the image cache (`images/`), the plots (`plots/`) and
-    `flagged.json` (the dataset, each flagged sample's key, link and reasons, and the near-duplicate groups)."""
+    """`run_review` with its files under `out`: the image cache (`images/`), the plots and the label statistics
+    (`plots/*.png`, `plots/statistics.json`), and `flagged.json` (the dataset, each flagged sample's key, link and
+    reasons, and the near-duplicate groups)."""
     out.mkdir(parents=True, exist_ok=True)
     report = run_review(records, name, out / "images", loader, embedder, plots_dir=out / "plots",
                         viz_method=viz_method, prune=prune)

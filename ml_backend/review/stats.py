@@ -3,6 +3,7 @@ printed as a rich table and saved as PNG plots."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ import numpy as np
 from ..types import LabeledImage
 
 log = logging.getLogger(__name__)
+
+STATISTICS_FILE = "statistics.json"
 
 
 @dataclass
@@ -114,3 +117,27 @@ def save_plots(stats: LabelStats, out_dir: Path) -> list[Path]:
     ax.set_title("Labels per image")
     save(fig, "labels_per_image.png")
     return written
+
+
+def statistics_dict(stats: LabelStats) -> dict:
+    """What the plots show, as numbers: per class objects, images, rare, box sizes (sqrt of the relative area:
+    min, median, max); imbalance; labels per image (min, median, max and the count of images per number)."""
+    def summary(values) -> dict:
+        return {k: round(float(f(values)), 4) for k, f in (("min", np.min), ("median", np.median), ("max", np.max))}
+
+    lpi = stats.labels_per_image
+    return {
+        "images": stats.images, "annotated": stats.annotated, "objects": sum(stats.objects.values()),
+        "imbalance": stats.imbalance, "rare": stats.rare,
+        "classes": {name: {"objects": n, "images": stats.images_per_class[name], "rare": name in stats.rare,
+                           "box_size": summary(stats.box_areas[name]) if stats.box_areas.get(name) else None}
+                    for name, n in stats.objects.most_common()},
+        "labels_per_image": summary(lpi) | {"histogram": {str(k): v for k, v in sorted(Counter(lpi).items())}}
+        if lpi else None,
+    }
+
+
+def save_statistics(stats: LabelStats, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(statistics_dict(stats), indent=2) + "\n")
+    return path
