@@ -42,3 +42,17 @@ def test_flags_catch_wrong_classes_shifted_boxes_and_missing_labels(tmp_path, se
             assert issues.label_flags["swap"][e.image][e.index], e
         if e.kind == "missing_label":
             assert issues.overlooked[e.image][e.index] < np.median(np.concatenate(issues.overlooked)), e
+
+
+def test_the_review_benchmark_reports_flag_recall_per_error_type_and_the_flag_rate(tmp_path):
+    import json
+
+    from benchmarks.review import ERROR_TYPES, main
+
+    assert main(["--images", "60", "--seed", "4", "--out", str(tmp_path / "review.json")]) == 0
+    result = json.loads((tmp_path / "review.json").read_text())
+    for kind in ERROR_TYPES:
+        assert result["per_type"][kind]["injected"] > 0 and result["per_type"][kind]["flag_recall"] >= MIN_RECALL
+    assert result["per_type"]["deleted_box/overlapping"]["injected"] > 0
+    assert 0 <= result["flag_rate_on_correct_objects"] <= MAX_FALSE_FLAGS and result["passed"]
+    assert {"confident", "badloc_cut", "swap_cut"} <= set(result["thresholds"])
