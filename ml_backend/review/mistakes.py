@@ -156,7 +156,8 @@ def find_label_issues(labels, predictions, classes: list[str], high_probability_
         issues.overlooked_flags.append(candidate & (pscore >= high_probability_threshold))
     issues.label_scores = {"badloc": [np.nan_to_num(s, nan=1.0) for s in badloc],
                            "swap": [np.nan_to_num(s, nan=1.0) for s in swap]}
-    issues.label_flags = {"badloc": flags(badloc, lab_thr, BADLOC_THRESHOLD_FACTOR, badloc_cut(issues.label_scores["badloc"])),
+    cut = badloc_cut(issues.label_scores["badloc"])
+    issues.label_flags = {"badloc": flags(badloc, lab_thr, BADLOC_THRESHOLD_FACTOR, cut),
                           "swap": flags(swap, lab_thr, SWAP_THRESHOLD_FACTOR, SWAP_CUT)}
     with contextlib.redirect_stdout(io.StringIO()):  # it prints a "Pruning 0 predictions" note
         issues.image_scores = rank.get_label_quality_scores(cl_labels, cl_preds)
