@@ -11,6 +11,7 @@ from ml_backend.review.mistakes import find_label_issues
 
 from .review_errors import flag_recall, generate
 
+pytest.importorskip("cleanlab", reason="cleanlab is installed by the project's review extra")
 MIN_RECALL, MAX_FALSE_FLAGS = 0.8, 0.15
 
 
@@ -23,7 +24,6 @@ def lists(records):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_flags_catch_wrong_classes_shifted_boxes_and_missing_labels(tmp_path, seed):
-    pytest.importorskip("cleanlab")
     records, injected = generate(tmp_path, images=60, seed=seed)
     labels, preds = lists(records)
     classes = sorted({n for _, names in labels for n in names} | {n for _, names, _ in preds for n in names})
