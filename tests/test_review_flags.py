@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ml_backend.review.mistakes import find_label_issues
+from ml_backend.review.mistakes import find_label_issues, ranked_objects
 
 from .review_errors import flag_recall, generate
 
@@ -36,10 +36,12 @@ def test_flags_catch_wrong_classes_shifted_boxes_and_missing_labels(tmp_path, se
                  "missing_label/confidence_0.7"):
         assert result[kind] >= MIN_RECALL, (kind, result)
     assert result["false_flag_rate"] <= MAX_FALSE_FLAGS, result
-    # a wrong class is a swap, whatever its badloc score; scores run lower = more suspicious
+    # a wrong class is a swap, whatever its badloc score, in the flags and in the ranking; scores run lower = more
+    # suspicious
+    kinds = {(i, j): kind for _, kind, i, j in ranked_objects(issues) if kind != "overlooked"}
     for e in injected:
         if e.kind == "wrong_class":
-            assert issues.label_flags["swap"][e.image][e.index], e
+            assert issues.label_flags["swap"][e.image][e.index] and kinds[e.image, e.index] == "swap", e
         if e.kind == "missing_label":
             assert issues.overlooked[e.image][e.index] < np.median(np.concatenate(issues.overlooked)), e
 
@@ -56,3 +58,15 @@ def test_the_review_benchmark_reports_flag_recall_per_error_type_and_the_flag_ra
     assert result["per_type"]["deleted_box/overlapping"]["injected"] > 0
     assert 0 <= result["flag_rate_on_correct_objects"] <= MAX_FALSE_FLAGS and result["passed"]
     assert {"confident", "badloc_cut", "swap_cut"} <= set(result["thresholds"])
+
+
+def test_the_ranking_calls_a_flagged_swap_a_swap_even_when_its_badloc_score_is_lower():
+    from ml_backend.review.mistakes import LabelIssues
+
+    issues = LabelIssues(
+        classes=["a", "b"],
+        label_scores={"badloc": [np.array([0.10, 0.30])], "swap": [np.array([0.20, 0.90])]},
+        label_flags={"badloc": [np.array([False, False])], "swap": [np.array([True, False])]},
+        overlooked=[np.array([0.5])], overlooked_flags=[np.array([False])],
+    )
+    assert ranked_objects(issues) == [(0.10, "swap", 0, 0), (0.30, "badloc", 0, 1), (0.5, "overlooked", 0, 0)]

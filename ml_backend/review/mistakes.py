@@ -166,13 +166,15 @@ def find_label_issues(labels, predictions, classes: list[str], high_probability_
 
 def ranked_objects(issues: LabelIssues) -> list[tuple[float, str, int, int]]:
     """Every object, most suspicious first: `(score, kind, image index, box index)`; a label box scores the lower
-    of badloc and swap (kind = the lower one), a predicted box its overlooked score."""
+    of badloc and swap, its kind "swap" when flagged as one (a wrong class, whatever its badloc score) else the lower
+    one's; a predicted box its overlooked score."""
     out = []
     for i, over in enumerate(issues.overlooked):
         out.extend((float(s), "overlooked", i, j) for j, s in enumerate(over))
     for i, (bad, swap) in enumerate(zip(issues.label_scores["badloc"], issues.label_scores["swap"])):
         for j, (b, s) in enumerate(zip(bad, swap)):
-            out.append((float(b), "badloc", i, j) if b <= s else (float(s), "swap", i, j))
+            kind = "swap" if issues.label_flags["swap"][i][j] or s < b else "badloc"
+            out.append((float(min(b, s)), kind, i, j))
     return sorted(out, key=lambda t: t[0])
 
 
