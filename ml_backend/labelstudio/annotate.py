@@ -287,7 +287,8 @@ def annotate_folder(
     annotations: dict[int, tuple[int, int, list[dict]]] = {}
 
     def on_image(i: int, key: str, image: MediaItem, detections) -> None:
-        annotations[i] = (image.width, image.height, coco.annotations(detections, 0, ontology.names))
+        annotations[i] = (image.width, image.height,
+                          coco.annotations(detections, 0, ontology.names, width=image.width, height=image.height))
 
     def infer(loaded):
         annotations.clear()
