@@ -101,10 +101,11 @@ def _short(ref: str) -> str:
 
 
 def model_refs(settings: Settings, prompts: PromptsFile) -> tuple[str, str | None]:
-    """(detector, segmenter or None): flags/env first, then the prompts file's `detector`/`segmenter`, then defaults."""
+    """(detector, segmenter or None): flags/env first, then the prompts file's `detector`/`segmenter` (`segmenter: ""`
+    there: none), then defaults."""
     fields = settings.model_fields_set
     detector = settings.detector if "detector" in fields or not prompts.detector else prompts.detector
-    segmenter = settings.segmenter if "segmenter" in fields or not prompts.segmenter else prompts.segmenter
+    segmenter = settings.segmenter if "segmenter" in fields or prompts.segmenter is None else prompts.segmenter
     return detector, segmenter or None
 
 

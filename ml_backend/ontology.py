@@ -294,7 +294,7 @@ class PromptsFile(BaseModel):
             ] or [literal_prompt(name)]
             if not prompts[0]:
                 raise PromptsError(f"label {name!r} has no usable prompt; give it prompts in the prompts file")
-            threshold = entry.threshold or self.box_threshold
+            threshold = self.box_threshold if entry.threshold is None else entry.threshold
             if entry.detect:
                 specs.append(LabelSpec(name, tuple(dict.fromkeys(prompts)), threshold, tuple(entry.detect),
                                        tuple(entry.templates or self.templates)))

@@ -269,8 +269,9 @@ class StudentDetector:
         boxes = clip_to_image(boxes[inside], w, h)
         sub = scores[inside][:, [c for c, _, _ in pairs]]
         thresholds = np.array([t for _, _, t in pairs], np.float32)
-        xyxy, conf, k, point = postprocess(boxes, sub, np.maximum(thresholds - NEAR_MISS_BAND, 0.01), ontology.nms_iou,
-                                           ontology.max_detections)
+        # candidates from NEAR_MISS_BAND below each threshold, but none under 0.01 unless the threshold is lower
+        floor = np.maximum(thresholds - NEAR_MISS_BAND, np.minimum(thresholds, 0.01))
+        xyxy, conf, k, point = postprocess(boxes, sub, floor, ontology.nms_iou, ontology.max_detections)
         near = conf < thresholds[k]
         gaps = (conf[near] - thresholds[k[near]]).tolist()
         xyxy, conf, k, point = xyxy[~near], conf[~near], k[~near], point[~near]
