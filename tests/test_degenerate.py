@@ -190,6 +190,7 @@ print(json.dumps([d.bounding_box for d in to_detections(degenerate(), W, H).dete
 """
 
 
+@pytest.mark.slow  # FiftyOne imported in a process of its own: over ten seconds
 def test_fiftyone_detections_hold_no_degenerate_region(tmp_path):
     pytest.importorskip("fiftyone", reason="FiftyOne is installed by the project's review extra")
     # in a process of its own: importing FiftyOne here would fix its database directory before tests/test_review.py
