@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from ml_backend.engine import Engine, RequestSpec, model_refs
+from ml_backend.errors import PromptsError
 from ml_backend.labelstudio.annotate import run_annotate
 from ml_backend.media import MediaItem
 from ml_backend.models.student import WEIGHTS_FILE, StudentDetector
@@ -95,3 +97,8 @@ def test_a_project_run_with_limit_zero_takes_no_task(label_studio):
     assert pending_tasks(ls, project.id, "some-version", only_unlabeled=False, limit=0)[0] == []
     assert len(pending_tasks(ls, project.id, "some-version", only_unlabeled=False, limit=2)[0]) == 2
     assert len(pending_tasks(ls, project.id, "some-version", only_unlabeled=False, limit=None)[0]) == 3
+
+
+def test_a_prompts_files_empty_detector_is_an_error_not_the_default(tmp_path):
+    with pytest.raises(PromptsError, match=r"prompts\.yaml.*detector.*names no model"):
+        prompts_file(tmp_path, 'detector: ""\n')
