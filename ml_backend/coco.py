@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from .errors import ConfigError
-from .types import LabeledImage
+from .types import LabeledImage, clip_to_image, region_rows
+
+log = logging.getLogger(__name__)
 
 # -- writing -------------------------------------------------------------------------------------------------------
 
@@ -31,23 +34,36 @@ def image(image_id: int, file_name: str, width: int, height: int, **extra) -> di
 
 
 def annotations(detections: sv.Detections, image_id: int, names: list[str], scores: bool = True,
-                masks: bool = True) -> list[dict]:
+                masks: bool = True, width: int | None = None, height: int | None = None) -> list[dict]:
     """One COCO annotation per detection (ids are assigned when the document is assembled); `scores=False` for
-    ground truth, `masks=False` for boxes only (area = box area). With scores and without ids, a results list."""
+    ground truth, `masks=False` for boxes only (area = box area). With scores and without ids, a results list.
+    Boxes are clipped to the image (`width` x `height`, else the masks' size, else unbounded); one with no area
+    there, as written, is dropped and an empty mask leaves its box without a segmentation (logged at debug level)."""
     ids = {name: i + 1 for i, name in enumerate(names)}
+    if width is None and height is None and detections.mask is not None:
+        height, width = detections.mask.shape[1:]
+    label_names = detections.data.get("class_name")
+    xyxy = clip_to_image(np.asarray(detections.xyxy, np.float64), width, height)
     out = []
-    for i in range(len(detections)):
-        x1, y1, x2, y2 = (float(v) for v in detections.xyxy[i])
+    for i in region_rows(xyxy, label_names, width, height, f"COCO image {image_id}"):
+        x1, y1, x2, y2 = (float(v) for v in xyxy[i])
+        bbox = [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]
+        if bbox[2] <= 0 or bbox[3] <= 0:
+            log.debug("COCO image %s: dropped the box %s of label %r: under 0.01 px wide or high", image_id,
+                      xyxy[i].tolist(), label_names[i])
+            continue
         ann = {
             "image_id": image_id,
-            "category_id": ids[str(detections.data["class_name"][i])],
-            "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
+            "category_id": ids[str(label_names[i])],
+            "bbox": bbox,
             "area": round((x2 - x1) * (y2 - y1), 2),
             "iscrowd": 0,
         }
         if scores:
             ann["score"] = round(float(detections.confidence[i]), 4)
-        if masks and detections.mask is not None:
+        if masks and detections.mask is not None and not detections.mask[i].any():
+            log.debug("COCO image %s: no segmentation for the empty mask of label %r", image_id, label_names[i])
+        elif masks and detections.mask is not None:
             rle = mask_utils.encode(np.asfortranarray(detections.mask[i].astype(np.uint8)))
             ann["segmentation"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
             ann["area"] = float(mask_utils.area(rle))

@@ -28,7 +28,7 @@ from .models.base import Classifier
 from .models.loading import resolve_model
 from .ontology import Classification, Ontology, PromptsFile
 from .settings import Settings
-from .types import CLASS_NAME, CLASS_PROBABILITY, RUNNER_UP, crop, make_detections
+from .types import CLASS_NAME, CLASS_PROBABILITY, RUNNER_UP, crop, image_regions, make_detections
 
 if TYPE_CHECKING:
     import torch
@@ -101,10 +101,11 @@ def _short(ref: str) -> str:
 
 
 def model_refs(settings: Settings, prompts: PromptsFile) -> tuple[str, str | None]:
-    """(detector, segmenter or None): flags/env first, then the prompts file's `detector`/`segmenter`, then defaults."""
+    """(detector, segmenter or None): flags/env first, then the prompts file's `detector`/`segmenter` (`segmenter: ""`
+    there: none), then defaults."""
     fields = settings.model_fields_set
     detector = settings.detector if "detector" in fields or not prompts.detector else prompts.detector
-    segmenter = settings.segmenter if "segmenter" in fields or not prompts.segmenter else prompts.segmenter
+    segmenter = settings.segmenter if "segmenter" in fields or prompts.segmenter is None else prompts.segmenter
     return detector, segmenter or None
 
 
@@ -333,11 +334,18 @@ class Engine:
         """Detections per image, labelled with `ontology`'s labels. Two-stage labels (`detect:` in the prompts
         file) are found by their group's detector prompts, then every such box of every image is classified in one
         classifier batch among its group's labels."""
-        results = self._two_stage(images, ontology) if ontology.two_stage else self.require_detector().detect(images, ontology)
+        results = self._two_stage(images, ontology) if ontology.two_stage else self._regions(images, ontology)
         if masks:
             for image, detections in zip(images, results):
                 self.add_masks(image, detections)
         return results
+
+    def _regions(self, images: list[np.ndarray], ontology: Ontology) -> list[sv.Detections]:
+        """The detector's boxes, each clipped to its image; whatever a detector returns, a box with no area inside
+        the image (zero width or height, off the image, NaN) goes no further."""
+        found = self.require_detector().detect(images, ontology)
+        where = f"detector {self.require_detector().model_id}"
+        return [image_regions(det, image.shape[1], image.shape[0], where) for image, det in zip(images, found)]
 
     def embed_crops(self, images: list[np.ndarray], boxes: list[np.ndarray | None]) -> torch.Tensor:
         """Classifier embeddings of every crop: `boxes[i]` (M,4 xyxy) of `images[i]`, or the whole image where
@@ -356,7 +364,7 @@ class Engine:
         confusion), CLASS_PROBABILITY the chosen label's probability."""
         classifier = self.require_classifier(f"two-stage labels ({', '.join(s.name for s in ontology.labels if s.detect)})")
         stage1, index, groups = ontology.stages()
-        found = self.require_detector().detect(images, stage1)
+        found = self._regions(images, stage1)
         rows = [np.flatnonzero(np.isin(det.class_id, list(groups))) for det in found]
         embeddings = self.embed_crops([im for im, r in zip(images, rows) if len(r)],
                                       [det.xyxy[r] for det, r in zip(found, rows) if len(r)])

@@ -260,6 +260,14 @@ class PromptsFile(BaseModel):
     def _templates(cls, value: list[str]) -> list[str]:
         return _clean_templates(value)
 
+    @field_validator("detector")
+    @classmethod
+    def _detector(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():  # not silently the default: say so
+            raise ValueError("names no model: name one (hub id, directory, student:DIR) or leave the key out for the "
+                             "default")
+        return value
+
     @classmethod
     def load(cls, path: str | Path | None) -> PromptsFile:
         if path is None:
@@ -294,7 +302,7 @@ class PromptsFile(BaseModel):
             ] or [literal_prompt(name)]
             if not prompts[0]:
                 raise PromptsError(f"label {name!r} has no usable prompt; give it prompts in the prompts file")
-            threshold = entry.threshold or self.box_threshold
+            threshold = self.box_threshold if entry.threshold is None else entry.threshold
             if entry.detect:
                 specs.append(LabelSpec(name, tuple(dict.fromkeys(prompts)), threshold, tuple(entry.detect),
                                        tuple(entry.templates or self.templates)))

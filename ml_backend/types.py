@@ -4,7 +4,8 @@ Adapters convert from and to it; none invents a twin."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import supervision as sv
@@ -18,6 +19,8 @@ SYNONYM_SPREAD = "synonym_spread"  # data: how much the chosen label's own promp
 CLASS_PROBABILITY = "class_probability"  # data, two-stage: the classifier's probability of the chosen label
 NEAR_MISSES = "near_misses"  # metadata: `score - threshold` (< 0) of candidates dropped within NEAR_MISS_BAND
 NEAR_MISS_BAND = 0.1  # how far below its threshold a dropped candidate still counts as a near miss
+
+log = logging.getLogger(__name__)
 
 
 def box_iou(a, b) -> np.ndarray:
@@ -42,6 +45,44 @@ def clip_box(xyxy, width: int, height: int) -> tuple[int, int, int, int]:
     x1, y1 = min(max(0, int(np.floor(x1))), width - 1), min(max(0, int(np.floor(y1))), height - 1)
     x2, y2 = max(x1 + 1, min(width, int(np.ceil(x2)))), max(y1 + 1, min(height, int(np.ceil(y2))))
     return x1, y1, x2, y2
+
+
+def valid_boxes(xyxy, width: float | None = None, height: float | None = None) -> np.ndarray:
+    """Which xyxy boxes are regions of a `width` x `height` image (None: unbounded on that side): finite, with
+    positive width and height once clipped to the image. Zero-size, inverted, off-image and NaN boxes are not."""
+    xyxy = np.asarray(xyxy, np.float64).reshape(-1, 4)
+    w, h = (np.inf if v is None else float(v) for v in (width, height))
+    with np.errstate(invalid="ignore"):  # NaN compares False: invalid
+        clipped = np.clip(xyxy, 0, [w, h, w, h])
+        return np.isfinite(xyxy).all(1) & (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+
+
+def region_rows(xyxy, names, width: float | None, height: float | None, where: str) -> np.ndarray:
+    """The indices of the xyxy boxes that are regions of the image (`valid_boxes`); each other one is logged (debug)
+    with its box, its label (`names`, or None) and `where` it was dropped."""
+    xyxy = np.asarray(xyxy).reshape(-1, 4)
+    keep = valid_boxes(xyxy, width, height)
+    for i in np.flatnonzero(~keep):
+        log.debug("%s: dropped the box %s of label %r: it has no area inside the %sx%s image", where,
+                  xyxy[i].tolist(), None if names is None else names[i], width, height)
+    return np.flatnonzero(keep)
+
+
+def clip_to_image(xyxy, width: float | None, height: float | None) -> np.ndarray:
+    """xyxy boxes (float) clipped to a `width` x `height` image (None: unbounded on that side)."""
+    xyxy = np.asarray(xyxy)
+    w, h = (np.inf if v is None else v for v in (width, height))
+    return np.clip(xyxy, 0, np.array([w, h, w, h], np.float64)).astype(xyxy.dtype)
+
+
+def image_regions(detections: sv.Detections, width: float | None, height: float | None, where: str) -> sv.Detections:
+    """`detections` whose boxes are regions of the image (`region_rows`), clipped to it (a new Detections when
+    anything changes; the caller's stay as they were)."""
+    rows = region_rows(detections.xyxy, detections.data.get(CLASS_NAME), width, height, where)
+    if len(rows) < len(detections):
+        detections = detections[rows]
+    clipped = clip_to_image(detections.xyxy, width, height)
+    return detections if np.array_equal(clipped, detections.xyxy) else replace(detections, xyxy=clipped)
 
 
 def crop(image: np.ndarray, xyxy) -> np.ndarray:

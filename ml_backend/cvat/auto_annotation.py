@@ -84,7 +84,7 @@ class PrelabelDetectionFunction:
         if result.error is not None:
             raise result.error
         out = [tag for scores in result.classes for tag in classification_to_sdk_tags(self.tag_ids, scores.chosen[0])]
-        return out + detections_to_sdk_shapes(result.detections, self.shapes, context.conv_mask_to_poly)
+        return out + detections_to_sdk_shapes(result.detections, self.shapes, context.conv_mask_to_poly, item.width, item.height)
 
 
 create = PrelabelDetectionFunction

@@ -9,7 +9,7 @@ import supervision as sv
 from cvat_sdk.masks import decode_mask, encode_mask
 
 from ..errors import ConfigError
-from ..types import clip_box
+from ..types import clip_box, clip_to_image, region_rows
 
 SHAPE_TYPES = ("rectangle", "mask", "polygon")
 
@@ -86,40 +86,56 @@ def clicks(pos: list, neg: list, corners) -> tuple[np.ndarray | None, np.ndarray
     return points, labels, box
 
 
-def detections_to_shapes(detections: sv.Detections, shape_type: str = "rectangle") -> list[dict]:
+def shape_boxes(detections: sv.Detections, width: int | None, height: int | None, where: str
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, boxes): the detections whose boxes, clipped to the image (`width` x `height`, else the masks' size,
+    else unbounded) and rounded as CVAT stores them, still have an area; a dropped one is logged (debug)."""
+    if width is None and height is None and detections.mask is not None:
+        height, width = detections.mask.shape[1:]
+    clipped = clip_to_image(np.asarray(detections.xyxy, np.float64), width, height)
+    xyxy = np.array([rectangle_points(box) for box in clipped], np.float64).reshape(-1, 4)
+    return region_rows(xyxy, detections.data.get("class_name"), width, height, where), xyxy
+
+
+def detections_to_shapes(detections: sv.Detections, shape_type: str = "rectangle", width: int | None = None,
+                         height: int | None = None) -> list[dict]:
     """CVAT's serverless response: one dict per detection, confidence as a string, as CVAT's own functions send;
-    a mask also carries its outline as `points`."""
+    a mask also carries its outline as `points`. A box with no area in the image is dropped (`shape_boxes`)."""
     if shape_type not in SHAPE_TYPES:
         raise ConfigError(f"shape type {shape_type!r} is not one of {SHAPE_TYPES}")
     if shape_type != "rectangle" and detections.mask is None:
         raise ConfigError(f"{shape_type} shapes need masks: run with a segmenter")
     shapes = []
     names = detections.data.get("class_name", [])
-    for i in range(len(detections)):
+    rows, xyxy = shape_boxes(detections, width, height, "CVAT shapes")
+    for i in rows:
         shape = {"confidence": f"{float(detections.confidence[i]):.4f}", "label": str(names[i]), "type": shape_type}
         mask = None if detections.mask is None else detections.mask[i]
         if shape_type == "mask":
-            shape["mask"] = shape_points("mask", detections.xyxy[i], mask)
+            shape["mask"] = shape_points("mask", xyxy[i], mask)
             shape["points"] = polygon_points(mask)
         else:
-            shape["points"] = shape_points(shape_type, detections.xyxy[i], mask)
+            shape["points"] = shape_points(shape_type, xyxy[i], mask)
         shapes.append(shape)
     return shapes
 
 
-def detections_to_sdk_shapes(detections: sv.Detections, shapes: dict[str, str], conv_mask_to_poly: bool = False) -> list:
+def detections_to_sdk_shapes(detections: sv.Detections, shapes: dict[str, str], conv_mask_to_poly: bool = False,
+                             width: int | None = None, height: int | None = None) -> list:
     """cvat-sdk auto-annotation shapes: each detection as its label's shape type (`shapes`), a mask as a polygon
-    when CVAT asks to convert them; a detection's class id is its label's id in the function spec."""
+    when CVAT asks to convert them; a detection's class id is its label's id in the function spec. A box with no
+    area in the image is dropped (`shape_boxes`)."""
     import cvat_sdk.auto_annotation as cvataa
 
     out = []
     names = detections.data.get("class_name", [])
-    for i in range(len(detections)):
+    rows, xyxy = shape_boxes(detections, width, height, "CVAT auto-annotation shapes")
+    for i in rows:
         shape_type = shapes[str(names[i])]
         if shape_type == "mask" and conv_mask_to_poly:
             shape_type = "polygon"
         mask = None if detections.mask is None else detections.mask[i]
-        points = shape_points(shape_type, detections.xyxy[i], mask)
+        points = shape_points(shape_type, xyxy[i], mask)
         make = {"rectangle": cvataa.rectangle, "mask": cvataa.mask, "polygon": cvataa.polygon}[shape_type]
         out.append(make(int(detections.class_id[i]), points, score=float(detections.confidence[i])))
     return out

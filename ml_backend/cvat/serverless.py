@@ -121,7 +121,7 @@ class DetectorFunction:
         result = self.engine.run([image], spec)[0]
         if result.error is not None:
             raise result.error
-        out = detections_to_shapes(result.detections, self.shape) if ontology.labels else []
+        out = detections_to_shapes(result.detections, self.shape, image.width, image.height) if ontology.labels else []
         for scores in result.classes:
             out += [t for t in classification_to_tags(self.tags.names, scores.probs[0], scores.chosen[0]) if t["label"] in wanted]
         return out

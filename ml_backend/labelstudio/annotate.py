@@ -81,10 +81,10 @@ def pending_tasks(client, project_id: int, version: str, only_unlabeled: bool, l
                 settled.append({"id": task.id, "data": task.data})
         elif only_unlabeled and task.total_annotations:
             skipped["labeled"] += 1
+        elif limit is not None and len(todo) >= limit:  # --limit 0 does nothing
+            break
         else:
             todo.append({"id": task.id, "data": task.data})
-            if limit and len(todo) >= limit:
-                break
     return todo, skipped
 
 
@@ -282,12 +282,13 @@ def annotate_folder(
     done = _read_journal(out.journal, version)
     todo = [{"id": i, "data": {"image": local_files_ref(p, root)}} for i, p in enumerate(files)
             if p.relative_to(root).as_posix() not in done]
-    todo = todo[:limit] if limit else todo
+    todo = todo if limit is None else todo[:limit]
     report = Report(total=len(todo), skipped={"already predicted": len(done)}, model_version=version)
     annotations: dict[int, tuple[int, int, list[dict]]] = {}
 
     def on_image(i: int, key: str, image: MediaItem, detections) -> None:
-        annotations[i] = (image.width, image.height, coco.annotations(detections, 0, ontology.names))
+        annotations[i] = (image.width, image.height,
+                          coco.annotations(detections, 0, ontology.names, width=image.width, height=image.height))
 
     def infer(loaded):
         annotations.clear()

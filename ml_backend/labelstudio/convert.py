@@ -4,16 +4,20 @@ Studio context regions become pixels."""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import TYPE_CHECKING
 
 import numpy as np
 import supervision as sv
 
+from ..types import clip_to_image, region_rows
 from .config import ChoiceControl, Control
 
 if TYPE_CHECKING:
     from ..engine import ClassScores
+
+log = logging.getLogger(__name__)
 
 
 def region_id() -> str:
@@ -149,10 +153,12 @@ def detections_to_results(
     per_region: list[tuple[ChoiceControl, ClassScores]] | tuple = (),
 ) -> list[dict]:
     """Every detection whose label a control has becomes a region of that control; each per-region Choices that
-    applies to the region adds a `choices` result with the region's id (rows of `per_region` are detections)."""
+    applies to the region adds a `choices` result with the region's id (rows of `per_region` are detections).
+    A box with no area inside the image, and an empty mask's brush, are dropped (logged at debug level)."""
     results = []
     names = detections.data.get("class_name", [])
-    for i in range(len(detections)):
+    xyxy = clip_to_image(detections.xyxy, width, height)
+    for i in region_rows(detections.xyxy, names, width, height, "Label Studio results"):
         label = str(names[i])
         score = None if detections.confidence is None else detections.confidence[i]
         mask = None if detections.mask is None else detections.mask[i]
@@ -161,8 +167,10 @@ def detections_to_results(
                 continue
             regions = []
             if control.type == "rectanglelabels":
-                value = box_to_percent(detections.xyxy[i], width, height) | {"rectanglelabels": [label]}
+                value = box_to_percent(xyxy[i], width, height) | {"rectanglelabels": [label]}
                 regions.append(_region(control, width, height, value, score))
+            elif mask is not None and control.type == "brushlabels" and not mask.any():
+                log.debug("Label Studio results: no brush for the empty mask of label %r (box %s)", label, xyxy[i].tolist())
             elif mask is not None and control.type == "brushlabels":
                 value = {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}
                 regions.append(_region(control, width, height, value, score))

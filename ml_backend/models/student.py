@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import ModelUnavailableError
 from ..ontology import Ontology
-from ..types import NEAR_MISS_BAND, NEAR_MISSES, RUNNER_UP, make_detections
+from ..types import NEAR_MISS_BAND, NEAR_MISSES, RUNNER_UP, clip_to_image, make_detections, valid_boxes
 from .loading import STUDENT_PREFIX
 from .registry import BOXES, DETECTOR, register
 from .tiny import write_tiny_student
@@ -264,14 +264,17 @@ class StudentDetector:
         names = ontology.names
         if not pairs:
             return make_detections(np.zeros((0, 4)), [], [], [], **{RUNNER_UP: np.zeros(0, np.float32)})
-        sub = scores[:, [c for c, _, _ in pairs]]
+        h, w = image.shape[:2]
+        inside = valid_boxes(boxes, w, h)  # a box in the letterbox padding only is no box of the image
+        boxes = clip_to_image(boxes[inside], w, h)
+        sub = scores[inside][:, [c for c, _, _ in pairs]]
         thresholds = np.array([t for _, _, t in pairs], np.float32)
-        xyxy, conf, k, point = postprocess(boxes, sub, np.maximum(thresholds - NEAR_MISS_BAND, 0.01), ontology.nms_iou,
-                                           ontology.max_detections)
+        # candidates from NEAR_MISS_BAND below each threshold, but none under 0.01 unless the threshold is lower
+        floor = np.maximum(thresholds - NEAR_MISS_BAND, np.minimum(thresholds, 0.01))
+        xyxy, conf, k, point = postprocess(boxes, sub, floor, ontology.nms_iou, ontology.max_detections)
         near = conf < thresholds[k]
         gaps = (conf[near] - thresholds[k[near]]).tolist()
-        h, w = image.shape[:2]
-        xyxy, conf, k, point = np.clip(xyxy[~near], 0, [w, h, w, h]), conf[~near], k[~near], point[~near]
+        xyxy, conf, k, point = xyxy[~near], conf[~near], k[~near], point[~near]
         others = sub[point].copy()  # the best other known class at the same point: the confusion signal
         others[np.arange(len(k)), k] = 0
         label_ids = np.array([pairs[i][1] for i in k], int)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import supervision as sv
 
-from ..types import clip_box
+from ..types import clip_box, region_rows
 
 
 def to_detections(detections: sv.Detections | None, width: int, height: int, **attributes):
@@ -18,7 +18,7 @@ def to_detections(detections: sv.Detections | None, width: int, height: int, **a
     out = []
     names = detections.data.get("class_name", [])
     has_mask = detections.data.get("has_mask")
-    for i in range(len(detections)):
+    for i in region_rows(detections.xyxy, names, width, height, "FiftyOne detections"):
         x1, y1, x2, y2 = clip_box(detections.xyxy[i], width, height)
         det = fo.Detection(
             label=str(names[i]),
