@@ -428,12 +428,14 @@ def distill(
             report = run_distill(opened.records, opened.labels, opened.load, out, options, source.description,
                                  teacher=teacher_engine)
     print_distill(report)
-    typer.echo(f"student, ONNX and model card in {out}; serve it with: prelabel serve --detector student:{out}")
+    passed = report["quality"]["passed"]
+    typer.echo(f"student, ONNX and model card in {out}" + (f"; serve it with: prelabel serve --detector student:{out}"
+                                                            if passed else ""))
     if report["training"]["stopped"] == "interrupted":
         typer.secho("training was interrupted: the best epoch so far is exported; run the same command again to "
                     "resume", fg="yellow", err=True)
         raise typer.Exit(1)
-    if not report["quality"]["passed"]:
+    if not passed:
         typer.secho(report["quality"]["message"], fg="red", err=True)
         raise typer.Exit(3)
 
