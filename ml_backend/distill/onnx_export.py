@@ -109,8 +109,7 @@ def _quality_lines(quality: dict | None) -> list[str]:
     if not quality:
         return []
     if quality["passed"]:
-        return [f"Quality gate: passed (validation mAP@0.5 at least {quality['min_map']} and at least "
-                f"{quality['min_vs_teacher']} x the teacher's).", ""]
+        return [f"Quality gate: passed ({', '.join(quality['checks']) or 'nothing to check: both checks off'}).", ""]
     return ["## Did not pass the quality gate", "",
             *[f"- The student is far below what its data allows: {p}." for p in quality["problems"]],
             f"- What to do: {quality['advice']}.", "- Do not serve it for pre-annotation as it is.", ""]

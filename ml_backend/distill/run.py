@@ -221,22 +221,27 @@ def quality_gate(report: dict, min_map: float, min_vs_teacher: float) -> dict:
     """Does the student reach validation mAP@0.5 `min_map` and `min_vs_teacher` x the teacher's mAP@0.5 on the same
     images? `{"passed", "problems", "advice", "message", ...}`; the student is kept either way."""
     student, teacher, training = report["student"]["map50"], (report.get("teacher") or {}).get("map50"), report["training"]
-    problems = []
-    if student < min_map:
-        problems.append(f"its validation mAP@0.5 {max(student, 0):.3f} is below --min-map {min_map}")
-    if teacher is not None and teacher > 0 and student < min_vs_teacher * teacher:
-        problems.append(f"its validation mAP@0.5 {max(student, 0):.3f} is below {min_vs_teacher} x the teacher's "
-                        f"{teacher:.3f} on the same {report['student']['images']} images (--min-vs-teacher)")
+    problems, checks = [], []
+    if min_map > 0:
+        checks.append(f"validation mAP@0.5 {max(student, 0):.3f} >= --min-map {min_map}")
+        if student < min_map:
+            problems.append(f"its validation mAP@0.5 {max(student, 0):.3f} is below --min-map {min_map}")
+    if min_vs_teacher > 0 and teacher is not None and teacher > 0:
+        checks.append(f">= {min_vs_teacher} x the teacher's {teacher:.3f}")
+        if student < min_vs_teacher * teacher:
+            problems.append(f"its validation mAP@0.5 {max(student, 0):.3f} is below {min_vs_teacher} x the teacher's "
+                            f"{teacher:.3f} on the same {report['student']['images']} images (--min-vs-teacher)")
     history = training["history"]
     per_epoch = sum(h["seconds"] for h in history) / len(history) if history else 0.0
     objects = sum(report["data"]["train_objects"].values())
-    advice = (f"training ran {training['epochs_run']} epochs ({training['stopped']}, {per_epoch:.0f} s per epoch with "
+    epochs = f"{training['epochs_run']} epoch{'' if training['epochs_run'] == 1 else 's'}"
+    advice = (f"training ran {epochs} ({training['stopped']}, {per_epoch:.0f} s per epoch with "
               f"{training.get('threads')} threads) on {report['data']['train_images']} images with {objects} objects: "
               "train longer (--restart with more --epochs or a longer --time-limit; slow epochs: is another program "
               "busy on the CPU? try --threads), or annotate more images")
     message = (f"the student did not pass the quality gate: {'; '.join(problems)}. {advice}. It is kept in "
                f"{report['out']} (model, ONNX, model card) all the same.") if problems else ""
-    return {"passed": not problems, "problems": problems, "advice": advice if problems else "",
+    return {"passed": not problems, "problems": problems, "checks": checks, "advice": advice if problems else "",
             "message": message, "min_map": min_map, "min_vs_teacher": min_vs_teacher,
             "student_map50": student, "teacher_map50": teacher}
 
@@ -312,5 +317,4 @@ def print_distill(report: dict, console=None) -> None:
             console.print(f"speed: {row['runtime']} {row['device']} {1000 * row['s_per_image']:.1f} ms/image")
     quality = report.get("quality")
     if quality and quality["passed"]:
-        console.print(f"quality gate passed: mAP@0.5 >= --min-map {quality['min_map']} and >= "
-                      f"{quality['min_vs_teacher']} x the teacher's")
+        console.print(f"quality gate passed: {', '.join(quality['checks']) or 'nothing to check (both checks off)'}")
