@@ -390,11 +390,17 @@ def distill(
     url: Optional[str] = typer.Option(None, help="Label Studio address (LABEL_STUDIO_URL)."),
     api_key: Optional[str] = typer.Option(None, help="Label Studio API key (LABEL_STUDIO_API_KEY)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads for training (default: one per physical core)."),
+    min_map: float = typer.Option(0.2, min=0, max=1, help="Quality gate: exit 3 when the student's validation mAP@0.5 is below this (0: off)."),
+    min_vs_teacher: float = typer.Option(0.5, min=0, max=1, help="Quality gate: exit 3 when the student's validation mAP@0.5 is below this share of the teacher's (0: off)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ):
     """Train a small detector (the student) on the corrected labels, evaluate it and the teacher (its stored
     pre-annotations, or --teacher run now) on the same held-out images (COCO mAP), export ONNX and a model card;
-    serve it with --detector student:OUT."""
+    serve it with --detector student:OUT. Exit status 3: the student is kept but failed the quality gate."""
+    from .distill import wait_passively
+
+    wait_passively()  # before torch loads: its threads then sleep, not spin, when another program is busy
     from .cli_sources import Source, open_source
     from .distill.run import DistillOptions, TrainOptions, distill as run_distill, print_distill
 
@@ -406,10 +412,10 @@ def distill(
     if pretrained not in ("auto", "imagenet", "scratch"):
         raise _fail(PrelabelError(f"--pretrained {pretrained!r}: use auto, imagenet or scratch"))
     train_options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
-                                 time_limit_s=None if time_limit is None else time_limit * 60)
+                                 time_limit_s=None if time_limit is None else time_limit * 60, threads=threads)
     options = DistillOptions(image_size=image_size, val_fraction=val_fraction, accept_predictions=accept_predictions,
                              pretrained=pretrained, export=export, resume=not restart, device=device or "auto",
-                             train=train_options)
+                             min_map=min_map, min_vs_teacher=min_vs_teacher, train=train_options)
     with _failing():
         settings = _settings(label_studio_url=url, label_studio_api_key=api_key)
         teacher_engine = None
@@ -422,11 +428,16 @@ def distill(
             report = run_distill(opened.records, opened.labels, opened.load, out, options, source.description,
                                  teacher=teacher_engine)
     print_distill(report)
-    typer.echo(f"student, ONNX and model card in {out}; serve it with: prelabel serve --detector student:{out}")
+    passed = report["quality"]["passed"]
+    typer.echo(f"student, ONNX and model card in {out}" + (f"; serve it with: prelabel serve --detector student:{out}"
+                                                            if passed else ""))
     if report["training"]["stopped"] == "interrupted":
         typer.secho("training was interrupted: the best epoch so far is exported; run the same command again to "
                     "resume", fg="yellow", err=True)
         raise typer.Exit(1)
+    if not passed:
+        typer.secho(report["quality"]["message"], fg="red", err=True)
+        raise typer.Exit(3)
 
 
 @app.command()

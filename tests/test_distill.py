@@ -145,6 +145,8 @@ def test_a_short_training_run_beats_chance_by_a_wide_margin_and_resumed_after_a_
     assert report["student_vs_teacher"]["map"] == pytest.approx(report["student"]["map"] - teacher["map"], abs=1e-3)
     card = (out / "MODEL_CARD.md").read_text()
     assert "| teacher (stored predictions) | 0.667 |" in card
+    assert report["quality"]["passed"] and "Quality gate: passed (validation mAP@0.5 " in card  # both checks on
+    assert ">= --min-map 0.2, >= 0.5 x the teacher's 0.667)" in card
     for needle in ("| circle |", "| square |", "| triangle |", "BSD-3-Clause", "onnxruntime", "from scratch",
                    f"{report['data']['train_images']} training images"):
         assert needle in card
@@ -348,7 +350,8 @@ def test_start_training_from_label_studio_distills_in_the_background(label_studi
 
     settings = Settings(detector=base_pipeline.detector.model_id, segmenter="", model_dir=tmp_path,
                         label_studio_url=label_studio, label_studio_api_key=LEGACY_TOKEN,
-                        distill_args="--epochs 1 --image-size 64 --pretrained scratch --no-export --batch-size 4")
+                        distill_args="--epochs 1 --image-size 64 --pretrained scratch --no-export --batch-size 4 "
+                                     "--min-map 0")  # one epoch: far below the quality gate
     server = RunningServer(create_app(Engine(base_pipeline.detector, None, PromptsFile(), settings)))
     try:
         ml = ls.ml.create(url=server.url, project=project.id, title="prelabel")

@@ -105,6 +105,16 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _quality_lines(quality: dict | None) -> list[str]:
+    if not quality:
+        return []
+    if quality["passed"]:
+        return [f"Quality gate: passed ({', '.join(quality['checks']) or 'nothing to check: both checks off'}).", ""]
+    return ["## Did not pass the quality gate", "",
+            *[f"- The student is far below what its data allows: {p}." for p in quality["problems"]],
+            f"- What to do: {quality['advice']}.", "- Do not serve it for pre-annotation as it is.", ""]
+
+
 def write_model_card(directory: Path, report: dict) -> Path:
     """`MODEL_CARD.md` beside the model: classes, data counts, metrics (student and teacher), speed, license."""
     config = StudentConfig.load(directory)
@@ -112,6 +122,7 @@ def write_model_card(directory: Path, report: dict) -> Path:
     lines = [
         f"# Student detector `{directory.name}`", "",
         f"Trained by `prelabel distill` on {report['created']} from {report['source']}.", "",
+        *_quality_lines(report.get("quality")),
         "## Model",
         f"- Architecture: FCOS, ResNet-18 + FPN ({config.levels} levels, {config.fpn_channels} channels, "
         f"{config.head_convs} head convolutions), square input {config.image_size} px (letterboxed).",

@@ -32,6 +32,7 @@ from .train import TrainOptions, train
 
 log = logging.getLogger(__name__)
 REPORT_FILE, SPLIT_FILE = "report.json", "split.json"
+MIN_MAP, MIN_VS_TEACHER = 0.2, 0.5  # the quality gate's defaults (validation mAP@0.5; share of the teacher's)
 
 
 @dataclass
@@ -44,6 +45,8 @@ class DistillOptions:
     export: bool = True
     resume: bool = True
     device: str = "auto"
+    min_map: float = MIN_MAP  # the student fails below this validation mAP@0.5 (0: no floor)
+    min_vs_teacher: float = MIN_VS_TEACHER  # ... or below this share of the teacher's mAP@0.5 on the same images
     train: TrainOptions = field(default_factory=TrainOptions)
 
 
@@ -204,11 +207,43 @@ def distill(
             "map": round(report["student"]["map"] - report["teacher"]["map"], 4),
             "map50": round(report["student"]["map50"] - report["teacher"]["map50"], 4),
         }
+    report["quality"] = quality_gate(report, options.min_map, options.min_vs_teacher)
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2))
     write_model_card(out, report)
     write_state(out, state="done", finished=time.time(), student_map=report["student"]["map"],
-                student_map50=report["student"]["map50"])
+                student_map50=report["student"]["map50"], quality_passed=report["quality"]["passed"])
+    if not report["quality"]["passed"]:
+        log.warning("%s", report["quality"]["message"])
     return report
+
+
+def quality_gate(report: dict, min_map: float, min_vs_teacher: float) -> dict:
+    """Does the student reach validation mAP@0.5 `min_map` and `min_vs_teacher` x the teacher's mAP@0.5 on the same
+    images? `{"passed", "problems", "advice", "message", ...}`; the student is kept either way."""
+    student, teacher, training = report["student"]["map50"], (report.get("teacher") or {}).get("map50"), report["training"]
+    problems, checks = [], []
+    if min_map > 0:
+        checks.append(f"validation mAP@0.5 {max(student, 0):.3f} >= --min-map {min_map}")
+        if student < min_map:
+            problems.append(f"its validation mAP@0.5 {max(student, 0):.3f} is below --min-map {min_map}")
+    if min_vs_teacher > 0 and teacher is not None and teacher > 0:
+        checks.append(f">= {min_vs_teacher} x the teacher's {teacher:.3f}")
+        if student < min_vs_teacher * teacher:
+            problems.append(f"its validation mAP@0.5 {max(student, 0):.3f} is below {min_vs_teacher} x the teacher's "
+                            f"{teacher:.3f} on the same {report['student']['images']} images (--min-vs-teacher)")
+    history = training["history"]
+    per_epoch = sum(h["seconds"] for h in history) / len(history) if history else 0.0
+    objects = sum(report["data"]["train_objects"].values())
+    epochs = f"{training['epochs_run']} epoch{'' if training['epochs_run'] == 1 else 's'}"
+    advice = (f"training ran {epochs} ({training['stopped']}, {per_epoch:.0f} s per epoch with "
+              f"{training.get('threads')} threads) on {report['data']['train_images']} images with {objects} objects: "
+              "train longer (--restart with more --epochs or a longer --time-limit; slow epochs: is another program "
+              "busy on the CPU? try --threads), or annotate more images")
+    message = (f"the student did not pass the quality gate: {'; '.join(problems)}. {advice}. It is kept in "
+               f"{report['out']} (model, ONNX, model card) all the same.") if problems else ""
+    return {"passed": not problems, "problems": problems, "checks": checks, "advice": advice if problems else "",
+            "message": message, "min_map": min_map, "min_vs_teacher": min_vs_teacher,
+            "student_map50": student, "teacher_map50": teacher}
 
 
 def evaluate_model(engine: Engine, ontology: Ontology, examples: list[Example],
@@ -273,9 +308,13 @@ def print_distill(report: dict, console=None) -> None:
     console.print(table)
     training = report["training"]
     console.print(f"training: {training['epochs_run']} epochs ({training['stopped']}), best epoch "
-                  f"{training['best_epoch']}, {training['seconds']:.0f} s on {training['device']}")
+                  f"{training['best_epoch']}, {training['seconds']:.0f} s on {training['device']} "
+                  f"({training.get('threads')} threads)")
     if not teacher:
         console.print("teacher: no stored predictions on the validation images, so no comparison")
     for row in report.get("speed", []):
         if row["batch"] == 1:
             console.print(f"speed: {row['runtime']} {row['device']} {1000 * row['s_per_image']:.1f} ms/image")
+    quality = report.get("quality")
+    if quality and quality["passed"]:
+        console.print(f"quality gate passed: {', '.join(quality['checks']) or 'nothing to check (both checks off)'}")

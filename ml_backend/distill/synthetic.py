@@ -72,25 +72,29 @@ def synthetic_image(rng: np.random.Generator, size: tuple[int, int] = (160, 160)
 
 def generate(out_dir: Path, images: int = 200, seed: int = 0, size: tuple[int, int] = (160, 160),
              max_objects: int = 4, classes: tuple[str, ...] = SHAPES,
-             object_size: tuple[int, int] | None = None) -> list[LabeledImage]:
+             object_size: tuple[int, int] | None = None, sizes: list[tuple[int, int]] | None = None,
+             max_overlap: float = 0.15) -> list[LabeledImage]:
     """Writes `out_dir/images/*.png` and `out_dir/annotations.json` (COCO with RLE masks); returns the records
-    (annotations exact, no predictions). Objects measure from 1/10 to 2/5 of the shorter side by default."""
-    side = min(size)
-    object_size = object_size or (max(8, side // 10), side * 2 // 5)
+    (annotations exact, no predictions). Each image is `size`, or one of `sizes` (width, height) drawn at random;
+    objects overlap by up to `max_overlap` of the smaller one's box and measure from 1/10 to 2/5 of the image's
+    shorter side by default."""
     rng = np.random.default_rng(seed)
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     records, coco_images, anns = [], [], []
     labels = list(classes)
     for i in range(images):
-        array, names, masks = synthetic_image(rng, size, max_objects, object_size, classes=classes)
+        wh = tuple(sizes[rng.integers(len(sizes))]) if sizes else tuple(size)
+        side = min(wh)
+        objects = object_size or (max(8, side // 10), side * 2 // 5)
+        array, names, masks = synthetic_image(rng, wh, max_objects, objects, max_overlap, classes=classes)
         name = f"synthetic-{i:05d}.png"
         Image.fromarray(array).save(out_dir / "images" / name)
         boxes = np.array([mask_box(m) for m in masks], np.float32).reshape(-1, 4)
         det = make_detections(boxes, np.ones(len(names)), [labels.index(n) for n in names], names, mask=masks)
-        records.append(LabeledImage(key=name, image=str(out_dir / "images" / name), width=size[0], height=size[1],
+        records.append(LabeledImage(key=name, image=str(out_dir / "images" / name), width=wh[0], height=wh[1],
                                     annotations=det))
-        coco_images.append(coco_format.image(i + 1, name, size[0], size[1]))
+        coco_images.append(coco_format.image(i + 1, name, wh[0], wh[1]))
         anns += coco_format.annotations(det, i + 1, labels, scores=False)
     coco_format.write(out_dir / "annotations.json", coco_format.document(coco_images, anns, labels))
     return records

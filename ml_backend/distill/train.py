@@ -1,11 +1,16 @@
 """The student's training loop: AdamW with warm-up and cosine decay, validation mAP each epoch, a checkpoint each
 epoch (`checkpoints/last.pt`: weights, optimizer, schedule, history, random state), the best weights kept as
-`model.pt`, early stop after `patience` epochs without improvement, an optional time limit, and resume."""
+`model.pt`, early stop after `patience` epochs without improvement, an optional time limit, and resume.
+
+Threads: training sets torch's intra-op threads (`training_threads`) and restores them afterwards. OpenMP's
+spin-waiting (torch's default) makes an epoch many times slower when another process is busy on the CPU; the CLI
+therefore starts torch with `OMP_WAIT_POLICY=PASSIVE` (`ml_backend.distill.wait_passively`)."""
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,6 +40,7 @@ class TrainOptions:
     seed: int = 0
     time_limit_s: float | None = None  # stop (keeping the best weights) when the next epoch would pass it
     eval_threshold: float = 0.05
+    threads: int | None = None  # torch intra-op threads on CPU; None: `training_threads`' default
 
 
 @dataclass
@@ -46,6 +52,17 @@ class TrainResult:
     seconds: float
     history: list[dict] = field(default_factory=list)
     resumed_from: int | None = None
+    threads: int = 0
+
+
+def training_threads(requested: int | None = None) -> int:
+    """`requested`, else one per physical core the process may run on (hyper-threads share a core's arithmetic
+    units), never more than torch's default."""
+    import psutil
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    physical = psutil.cpu_count(logical=False) or usable
+    return requested or max(1, min(physical, usable, torch.get_num_threads()))
 
 
 def seed_everything(seed: int) -> None:
@@ -95,6 +112,21 @@ def train(
     show_progress: bool = True,
     backbone_weights=None,
 ) -> TrainResult:
+    """Trains with `training_threads(options.threads)` torch threads, restoring the caller's count afterwards."""
+    threads, previous = training_threads(options.threads), torch.get_num_threads()
+    torch.set_num_threads(threads)
+    log.info("training with %d torch threads (OMP_WAIT_POLICY=%s)", threads, os.environ.get("OMP_WAIT_POLICY", "unset"))
+    try:
+        result = _train(out, config, train_set, val_set, options, device, resume, on_epoch, show_progress,
+                        backbone_weights)
+    finally:
+        torch.set_num_threads(previous)
+    result.threads = threads
+    return result
+
+
+def _train(out, config, train_set, val_set, options, device, resume, on_epoch, show_progress,
+           backbone_weights) -> TrainResult:
     if len(train_set) == 0 or len(val_set) == 0:
         raise DistillError(f"training needs images in both halves of the split (train {len(train_set)}, "
                            f"val {len(val_set)}); annotate more tasks")
