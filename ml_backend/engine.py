@@ -199,6 +199,15 @@ class Engine:
             raise ConfigError("boxes were asked for, but this engine runs without a detector (--detector)")
         return self.detector
 
+    @property
+    def detector_masks(self) -> bool:
+        """Does the detector give each box its own mask (SAM 3), so that masks need no segmenter pass?"""
+        return bool(getattr(type(self.detector), "gives_masks", False))  # on the class: an UnloadedModel has none
+
+    @property
+    def gives_masks(self) -> bool:
+        return self.segmenter is not None or self.detector_masks
+
     def require_segmenter(self) -> Segmenter:
         if self.segmenter is None:
             raise ConfigError("masks were asked for, but the server runs without a segmenter (--segmenter)")
@@ -221,13 +230,15 @@ class Engine:
         consumer that converts and drops each result never holds a batch's full-size masks at once."""
         if spec.classify:
             self.require_classifier("the classifications " + ", ".join(repr(r.name) for r in spec.classify))
-        if spec.masks and spec.detects:
+        if spec.masks and spec.detects and not self.detector_masks:
             self.require_segmenter()
         results = [ItemResult() for _ in items]
         self._fill(items, spec, results)
         self._predict_isolated(items, spec, results, [n for n, r in enumerate(results) if r.error is None])
         for item, result in zip(items, results):
-            if result.error is None and self._wants_masks(spec, result.detections):
+            if result.error is None and not self._wants_masks(spec, result.detections):
+                result.detections.mask = None  # a detector's own masks (SAM 3) where none were asked for
+            elif result.error is None and result.detections.mask is None:
                 try:
                     self.add_masks(item.array, result.detections)
                 except PrelabelError:
@@ -397,6 +408,9 @@ class Engine:
         return out
 
     def add_masks(self, image: np.ndarray, detections: sv.Detections) -> None:
+        """Masks for `detections` from the segmenter, unless the detector gave them (SAM 3)."""
+        if detections.mask is not None and len(detections.mask) == len(detections):
+            return
         segmenter = self.require_segmenter()
         if len(detections):
             detections.mask = segmenter.segment(image, boxes=detections.xyxy)[0]

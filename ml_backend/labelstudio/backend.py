@@ -152,7 +152,7 @@ class LabelStudioBackend:
         """The controls of `config` this server fills (`ProjectConfig.select`: its models and the prompts file's
         `controls:`); what it skips goes to the log once per project and config, and to /health."""
         e = self.engine
-        selection = config.select(e.detector is not None, e.segmenter is not None, e.classifier is not None,
+        selection = config.select(e.detector is not None, e.gives_masks, e.classifier is not None,
                                   e.prompts.controls)
         with self._lock:
             if project is not None:

@@ -21,7 +21,8 @@ class Detector(Protocol):
         """One Detections per RGB uint8 HxWx3 image: absolute xyxy boxes clipped to the image, `class_id` indexing
         `ontology.labels`, `data[CLASS_NAME]`, confidence and, from text-prompted detectors, `data[PROMPT]` and the
         uncertainty signals `data[RUNNER_UP]` (best score of another label for the same box),
-        `data[SYNONYM_SPREAD]` and `metadata[NEAR_MISSES]` (names in `types.py`; see `active.py`)."""
+        `data[SYNONYM_SPREAD]` and `metadata[NEAR_MISSES]` (names in `types.py`; see `active.py`). A detector whose
+        class sets `gives_masks = True` (SAM 3) also fills `mask` (N, H, W) bool: the engine then runs no segmenter."""
         ...
 
 

@@ -213,3 +213,28 @@ def write_tiny_classifier(out: Path, seed: int = 0, family: str = "clip") -> Pat
         SiglipModel(SiglipConfig(text_config=text | {"projection_size": 16}, vision_config=vision)).eval().save_pretrained(out)
         SiglipProcessor(image_processor=SiglipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer).save_pretrained(out)
     return out
+
+
+def write_tiny_sam3(out: Path, seed: int = 0) -> Path:
+    """A tiny random SAM 3 (concept segmentation: text -> instances with boxes and masks), 112 px input, 20 queries,
+    with the character-level CLIP tokenizer."""
+    from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
+
+    torch.manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = clip_tokenizer(32)
+    small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    backbone = small | dict(model_type="sam3_vit_model", num_hidden_layers=2, image_size=112, patch_size=14,
+                            window_size=4, global_attn_indexes=[1], pretrain_image_size=56)
+    text = small | dict(vocab_size=len(tokenizer), projection_dim=32, num_hidden_layers=2, max_position_embeddings=32,
+                        pad_token_id=0, bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1)
+    config = Sam3Config(
+        vision_config=dict(backbone_config=backbone, fpn_hidden_size=32, backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]]),
+        text_config=text, geometry_encoder_config=small | dict(num_layers=1),
+        detr_encoder_config=small | dict(num_layers=1), detr_decoder_config=small | dict(num_layers=1, num_queries=20),
+        mask_decoder_config=dict(hidden_size=32, num_attention_heads=2),
+    )
+    Sam3Model(config).eval().save_pretrained(out)
+    image_processor = Sam3ImageProcessor(size={"height": 112, "width": 112}, mask_size={"height": 32, "width": 32})
+    Sam3Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    return out
