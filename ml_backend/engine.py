@@ -354,8 +354,9 @@ class Engine:
     def _regions(self, images: list[np.ndarray], ontology: Ontology) -> list[sv.Detections]:
         """The detector's boxes, each clipped to its image; whatever a detector returns, a box with no area inside
         the image (zero width or height, off the image, NaN) goes no further."""
-        found = self.require_detector().detect(images, ontology)
-        where = f"detector {self.require_detector().model_id}"
+        detector = self.require_detector()
+        found = detector.detect(images, ontology)
+        where = f"detector {detector.model_id}"
         return [image_regions(det, image.shape[1], image.shape[0], where) for image, det in zip(images, found)]
 
     def embed_crops(self, images: list[np.ndarray], boxes: list[np.ndarray | None]) -> torch.Tensor:

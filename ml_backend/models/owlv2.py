@@ -24,7 +24,7 @@ from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
 from ..ontology import Ontology
 from .features import FeatureMap, embed_feature_map
-from .prompted import merge, nothing_to_run, prompt_labels, score_boxes, to_pixels
+from .prompted import check_prompt_lengths, merge, nothing_to_run, prompt_labels, score_boxes, to_pixels
 from .registry import BOXES, DETECTOR, EMBEDDER, EMBEDDINGS, TEXT_PROMPTS, register
 from .tiny import write_tiny_owl
 
@@ -44,11 +44,6 @@ class OwlDetector:
         self.max_text_len = int(self.model.config.text_config.max_position_embeddings)
         self._lock = threading.Lock()
 
-    def _check(self, prompts: list[str]) -> None:
-        for prompt in prompts:
-            if len(self.processor.tokenizer(prompt)["input_ids"]) > self.max_text_len:
-                raise ValueError(f"prompt {prompt!r} is longer than the detector's {self.max_text_len} tokens")
-
     def _scale(self, hw: tuple[int, int]) -> tuple[float, float]:
         """Pixels per unit of the model's relative boxes, (x, y)."""
         h, w = hw
@@ -66,7 +61,7 @@ class OwlDetector:
         if (answer := nothing_to_run(images, ontology)) is not None:
             return answer
         prompts = [p for p, _ in ontology.prompts]
-        self._check(prompts)
+        check_prompt_lengths(self.processor.tokenizer, prompts, self.max_text_len)
         labels = prompt_labels(prompts, ontology)
         out = []
         for start in range(0, len(images), self.batch_size):

@@ -41,10 +41,18 @@ def to_pixels(cxcywh: torch.Tensor, scale: tuple[float, float], hw: tuple[int, i
     return xyxy
 
 
+def check_prompt_lengths(tokenizer, prompts: list[str], max_len: int, model: str = "the detector's") -> None:
+    """A ValueError naming the first prompt over the text tower's `max_len` tokens."""
+    for prompt in prompts:
+        if len(tokenizer(prompt)["input_ids"]) > max_len:
+            raise ValueError(f"prompt {prompt!r} is longer than {model} {max_len} tokens")
+
+
 def score_boxes(scores: torch.Tensor, labels: torch.Tensor, prompts: list[str], ontology: Ontology,
-                xyxy: torch.Tensor, prompt_ok: torch.Tensor | None = None) -> dict:
+                xyxy: torch.Tensor, prompt_ok: torch.Tensor | None = None, masks: torch.Tensor | None = None) -> dict:
     """Boxes (Q, 4) scored against prompts (Q, P) whose labels are `labels` (P,) -> the kept candidates of one image
-    (a part for `merge`). `prompt_ok` (Q, P) is a detector's own test of the chosen prompt (default: none)."""
+    (a part for `merge`). `prompt_ok` (Q, P) is a detector's own test of the chosen prompt (default: none); `masks`
+    (Q, H, W) a detector's own mask per box, kept with it."""
     num_labels = len(ontology.labels)
     label_scores = torch.full((len(scores), num_labels), -1.0)
     label_scores.scatter_reduce_(1, labels.expand(len(scores), -1), scores, reduce="amax")
@@ -68,7 +76,7 @@ def score_boxes(scores: torch.Tensor, labels: torch.Tensor, prompts: list[str], 
         RUNNER_UP: runner_up[keep],
         SYNONYM_SPREAD: spread[keep],
         NEAR_MISSES: (best[near] - thresholds[near]).tolist(),
-    }
+    } | ({"mask": masks[keep]} if masks is not None else {})
 
 
 def merge(parts: list[dict], ontology: Ontology) -> sv.Detections:
@@ -89,4 +97,6 @@ def merge(parts: list[dict], ontology: Ontology) -> sv.Detections:
         **{PROMPT: prompts, RUNNER_UP: runner_up.numpy(), SYNONYM_SPREAD: spread.numpy()},
     )
     detections.metadata[NEAR_MISSES] = near_misses
+    if parts and all("mask" in p for p in parts):
+        detections.mask = torch.cat([p["mask"] for p in parts])[keep].numpy() if len(keep) else None
     return detections

@@ -17,7 +17,7 @@ import supervision as sv
 import torch
 
 from ..ontology import Ontology
-from .prompted import merge, nothing_to_run, prompt_labels, score_boxes
+from .prompted import check_prompt_lengths, merge, nothing_to_run, prompt_labels, score_boxes
 from .registry import BOXES, DETECTOR, MASKS, TEXT_PROMPTS, register
 from .tiny import write_tiny_sam3
 
@@ -31,16 +31,10 @@ class Sam3Detector:
 
         self.model_id = model_id
         self.device = device
-        self.batch_size = batch_size
         self.processor = Sam3Processor.from_pretrained(path)
         self.model = Sam3Model.from_pretrained(path).to(device).eval()
         self.max_text_len = int(self.model.config.text_config.max_position_embeddings)
         self._lock = threading.Lock()
-
-    def _check(self, prompts: list[str]) -> None:
-        for prompt in prompts:
-            if len(self.processor.tokenizer(prompt)["input_ids"]) > self.max_text_len:
-                raise ValueError(f"prompt {prompt!r} is longer than SAM 3's {self.max_text_len} tokens")
 
     @torch.inference_mode()
     def _instances(self, image: np.ndarray, prompts: list[str]) -> list[dict]:
@@ -62,29 +56,15 @@ class Sam3Detector:
         if (answer := nothing_to_run(images, ontology)) is not None:
             return answer
         prompts = [p for p, _ in ontology.prompts]
-        self._check(prompts)
+        check_prompt_lengths(self.processor.tokenizer, prompts, self.max_text_len, "SAM 3's")
         labels = prompt_labels(prompts, ontology)
         return [self._detections(image, prompts, labels, ontology) for image in images]
 
     def _detections(self, image: np.ndarray, prompts: list[str], labels: torch.Tensor, ontology: Ontology) -> sv.Detections:
-        parts, masks = [], []
+        parts = []
         for n, found in enumerate(self._instances(image, prompts)):
             scores = torch.full((len(found["scores"]), len(prompts)), -1.0)  # an instance answers its own prompt only
             scores[:, n] = found["scores"].float().cpu()
-            part = score_boxes(scores, labels, prompts, ontology, found["boxes"].float().cpu())
-            keep = scores[:, n] >= torch.tensor([s.threshold for s in ontology.labels])[labels[n]]
-            parts.append(part)
-            masks.append(found["masks"].bool().cpu()[keep])
-        detections = merge(parts, ontology)
-        detections.mask = self._kept_masks(parts, masks, detections)
-        return detections
-
-    @staticmethod
-    def _kept_masks(parts: list[dict], masks: list[torch.Tensor], detections: sv.Detections) -> np.ndarray | None:
-        """The masks of the instances `merge` kept (matched by their boxes, which are unique per kept instance)."""
-        if not len(detections):
-            return None
-        boxes = torch.cat([p["xyxy"] for p in parts]).numpy()
-        pool = torch.cat(masks).numpy()
-        rows = [int(np.abs(boxes - box).sum(1).argmin()) for box in detections.xyxy]
-        return pool[rows]
+            parts.append(score_boxes(scores, labels, prompts, ontology, found["boxes"].float().cpu(),
+                                     masks=found["masks"].bool().cpu()))
+        return merge(parts, ontology)

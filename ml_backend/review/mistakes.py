@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..effort import match_boxes
 from ..types import box_iou
 from .convert import to_pixels
 
@@ -70,19 +71,16 @@ SWAP_CUT, BADLOC_CUT, OUTLIER_SDS = 0.5, (0.25, 0.65), 4.0
 
 
 def match(pred_boxes: np.ndarray, pred_names, label_boxes: np.ndarray, label_names, min_iou: float) -> np.ndarray:
-    """Per prediction the index of the label of its class it pairs with (-1: none); greedy, highest IoU first."""
+    """Per prediction the index of the label of its class it pairs with (-1: none); one to one, greedy, highest IoU
+    first (`effort.match_boxes`), at IoU >= `min_iou`."""
     paired = np.full(len(pred_boxes), -1)
     if not len(pred_boxes) or not len(label_boxes):
         return paired
     same = np.asarray(pred_names, object)[:, None] == np.asarray(label_names, object)[None, :]
     iou = box_iou(pred_boxes, label_boxes) * same
-    used = set()
-    for p, l in zip(*np.unravel_index(np.argsort(-iou, axis=None), iou.shape)):
-        if iou[p, l] < min_iou:
-            break
-        if paired[p] < 0 and l not in used:
+    for p, l in match_boxes(iou, hungarian=False):
+        if iou[p, l] >= min_iou:
             paired[p] = l
-            used.add(l)
     return paired
 
 
