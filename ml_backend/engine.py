@@ -23,7 +23,10 @@ import supervision as sv
 from .active import classification_confidence, task_score
 from .errors import ConfigError, InferenceError, ModelUnavailableError, PrelabelError
 from .media import MediaItem
-from .models import Detector, Segmenter, UnloadedModel, build_detector, build_segmenter, model_id, pick_device
+from .models import (
+    DETECTOR, SEGMENTER, Detector, Segmenter, UnloadedModel, build_detector, build_segmenter, model_id, model_kind,
+    pick_device,
+)
 from .models.base import Classifier
 from .models.loading import resolve_model
 from .ontology import Classification, Ontology, PromptsFile
@@ -155,19 +158,23 @@ class Engine:
         prompts = PromptsFile.load(settings.prompts)
         detector_ref, segmenter_ref = model_refs(settings, prompts)
         if not load:
-            ids = [model_id(r, settings.model_dir) if r else None
-                   for r in (detector_ref, segmenter_ref, classifier_ref(settings, prompts))]
-            det, seg, clf = (UnloadedModel(i) if i else None for i in ids)
+            refs = (detector_ref, segmenter_ref, classifier_ref(settings, prompts))
+            det, seg, clf = (UnloadedModel(model_id(r, settings.model_dir),
+                                           model_kind(r, settings.model_dir, role) if role else None) if r else None
+                             for r, role in zip(refs, (DETECTOR, SEGMENTER, None)))
             return cls(det, seg, prompts, settings, clf)
         require_models({"detector": detector_ref if detector else None, "segmenter": segmenter_ref,
                         "classifier": classifier_ref(settings, prompts)}, settings.model_dir)
         device = pick_device(settings.device)
-        detector = build_detector(detector_ref, settings.model_dir, device, settings.batch_size) if detector else None
-        segmenter = (
-            build_segmenter(segmenter_ref, settings.model_dir, device, settings.embedding_cache_size)
-            if segmenter_ref
-            else None
-        )
+        options = dict(precision=settings.precision, cache_size=settings.embedding_cache_size)
+        detector = (build_detector(detector_ref, settings.model_dir, device, settings.batch_size, **options)
+                    if detector else None)
+        if segmenter_ref and detector is not None and segmenter_ref == detector_ref:
+            segmenter = detector  # one model serving both (SAM 3): one load
+        elif segmenter_ref:
+            segmenter = build_segmenter(segmenter_ref, settings.model_dir, device, **options)
+        else:
+            segmenter = None
         classifier = None
         if ref := classifier_ref(settings, prompts):
             from .models.classifier import build_classifier
@@ -199,10 +206,28 @@ class Engine:
             raise ConfigError("boxes were asked for, but this engine runs without a detector (--detector)")
         return self.detector
 
+    @staticmethod
+    def _declares(model, name: str) -> bool:
+        """What a model's class declares (for an UnloadedModel: the class it would be built as)."""
+        kind = model.kind if isinstance(model, UnloadedModel) else type(model)
+        return bool(getattr(kind, name, False))
+
     @property
     def detector_masks(self) -> bool:
         """Does the detector give each box its own mask (SAM 3), so that masks need no segmenter pass?"""
-        return bool(getattr(type(self.detector), "gives_masks", False))  # on the class: an UnloadedModel has none
+        return self._declares(self.detector, "gives_masks")
+
+    @property
+    def finds_exemplars(self) -> bool:
+        """Can the detector find every instance like an exemplar box (SAM 3)?"""
+        return self._declares(self.detector, "finds_exemplars")
+
+    @property
+    def clicker(self) -> Segmenter | None:
+        """What turns clicks into a mask: the segmenter, else a detector that can (SAM 3 with its tracker)."""
+        if self.segmenter is not None:
+            return self.segmenter
+        return self.detector if getattr(self.detector, "clicks", False) else None
 
     @property
     def gives_masks(self) -> bool:
@@ -286,7 +311,7 @@ class Engine:
             for n in members:
                 groups.setdefault(results[n].ontology, []).append(n)
             for onto, group in groups.items():
-                for n, det in zip(group, self.detect([items[n].array for n in group], onto)):
+                for n, det in zip(group, self.detect([items[n].array for n in group], onto, masks=bool(spec.masks))):
                     results[n].detections = det
         if spec.classify:
             self._classify(items, results, members)
@@ -345,17 +370,19 @@ class Engine:
         """Detections per image, labelled with `ontology`'s labels. Two-stage labels (`detect:` in the prompts
         file) are found by their group's detector prompts, then every such box of every image is classified in one
         classifier batch among its group's labels."""
-        results = self._two_stage(images, ontology) if ontology.two_stage else self._regions(images, ontology)
+        results = (self._two_stage(images, ontology) if ontology.two_stage
+                   else self._regions(images, ontology, masks))
         if masks:
             for image, detections in zip(images, results):
                 self.add_masks(image, detections)
         return results
 
-    def _regions(self, images: list[np.ndarray], ontology: Ontology) -> list[sv.Detections]:
+    def _regions(self, images: list[np.ndarray], ontology: Ontology, masks: bool = False) -> list[sv.Detections]:
         """The detector's boxes, each clipped to its image; whatever a detector returns, a box with no area inside
-        the image (zero width or height, off the image, NaN) goes no further."""
+        the image (zero width or height, off the image, NaN) goes no further. A detector that makes its own masks
+        (SAM 3) makes them only when `masks`."""
         detector = self.require_detector()
-        found = detector.detect(images, ontology)
+        found = detector.detect(images, ontology, masks=masks) if self.detector_masks else detector.detect(images, ontology)
         where = f"detector {detector.model_id}"
         return [image_regions(det, image.shape[1], image.shape[0], where) for image, det in zip(images, found)]
 
@@ -412,22 +439,45 @@ class Engine:
         """Masks for `detections` from the segmenter, unless the detector gave them (SAM 3)."""
         if detections.mask is not None and len(detections.mask) == len(detections):
             return
-        segmenter = self.require_segmenter()
+        segmenter = self.clicker or self.require_segmenter()
         if len(detections):
             detections.mask = segmenter.segment(image, boxes=detections.xyxy)[0]
         else:
             detections.mask = np.zeros((0, *image.shape[:2]), bool)
+
+    def require_clicker(self) -> Segmenter:
+        if (clicker := self.clicker) is None:
+            raise ConfigError("clicks need a segmenter, but the server runs without one (--segmenter)")
+        return clicker
+
+    def find_like(self, image: np.ndarray, boxes: np.ndarray, box_labels: np.ndarray, label: str,
+                  ontology: Ontology | None = None, masks: bool = True) -> sv.Detections:
+        """Every instance in `image` like the positive exemplar boxes (xyxy pixels, `box_labels` 1) and unlike the
+        negative ones (0), as detections of `label`, scored at its threshold in `ontology` (else the prompts
+        file's default box threshold)."""
+        if not self.finds_exemplars:
+            raise ConfigError(f"finding every object like a box needs SAM 3 as the detector (this server runs "
+                              f"{self.detector.model_id if self.detector else 'no detector'})")
+        ontology = ontology or self.ontology()
+        spec = next((s for s in ontology.labels if s.name == label), None)
+        threshold = spec.threshold if spec is not None else self.prompts.box_threshold
+        found = self.detector.find_like(image, boxes, box_labels, threshold, ontology.max_detections,
+                                        ontology.nms_iou, masks)
+        names = np.array([label] * len(found), dtype=object)
+        result = make_detections(found.xyxy, found.confidence, np.zeros(len(found), int), names, mask=found.mask)
+        result.metadata = dict(found.metadata)
+        return image_regions(result, image.shape[1], image.shape[0], f"detector {self.detector.model_id}")
 
     def segment(
         self, image: np.ndarray, points: np.ndarray | None, point_labels: np.ndarray | None, box: np.ndarray | None
     ) -> tuple[np.ndarray, float]:
         """Interactive: clicks (1 positive, 0 negative) and/or one xyxy box -> one full-size boolean mask and its
         score."""
-        masks, scores = self.require_segmenter().segment(
+        masks, scores = self.require_clicker().segment(
             image, boxes=None if box is None else np.asarray(box)[None], points=points, point_labels=point_labels
         )
         return masks[0], float(np.clip(scores[0], 0, 1))  # SAM's predicted IoU can stray just outside [0, 1]
 
     def prepare(self, image: np.ndarray) -> None:
         """Compute and cache the image embedding, so that the next `segment` on it costs only the mask decoder."""
-        self.require_segmenter().prepare(image)
+        self.require_clicker().prepare(image)

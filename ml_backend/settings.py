@@ -1,7 +1,7 @@
 """All configuration in one object, read from environment variables; CLI flags override."""
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     classifier: str | None = None  # CLIP/SigLIP for Choices, per-region classes and CVAT tags (else the prompts file's)
     classifier_batch_size: int = Field(64, ge=1)  # image crops per classifier forward
     device: str = "auto"
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"  # SAM 3's weights on CUDA (CPU: float32)
     embedding_cache_size: int = Field(8, ge=0)
     batch_size: int = Field(4, ge=1)
     max_detections: int = Field(100, ge=1)

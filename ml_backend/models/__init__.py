@@ -20,22 +20,22 @@ import torch
 
 from .base import Classifier, Detector, ImageEncoder, Segmenter
 from .loading import pick_device
-from .registry import DETECTOR, EMBEDDER, SEGMENTER, Family, build, families, model_id, register
+from .registry import DETECTOR, EMBEDDER, SEGMENTER, Family, build, families, model_id, model_kind, register
 
 __all__ = [
     "Classifier", "Detector", "Family", "ImageEncoder", "Segmenter", "UnloadedModel", "build_detector",
-    "build_embedder", "build_segmenter", "families", "model_id", "pick_device", "register",
+    "build_embedder", "build_segmenter", "families", "model_id", "model_kind", "pick_device", "register",
 ]
 
 
-def build_detector(ref: str, model_dir: Path, device: torch.device, batch_size: int = 4) -> Detector:
+def build_detector(ref: str, model_dir: Path, device: torch.device, batch_size: int = 4, **options) -> Detector:
     """A hub id or directory of a registered detector family, or `student:DIR` for a distilled student."""
-    return build(DETECTOR, ref, model_dir, device, batch_size=batch_size)
+    return build(DETECTOR, ref, model_dir, device, batch_size=batch_size, **options)
 
 
-def build_segmenter(ref: str, model_dir: Path, device: torch.device, cache_size: int = 8) -> Segmenter:
-    """A hub id or directory of a registered segmenter family (SAM), or an original SAM `.pth` checkpoint."""
-    return build(SEGMENTER, ref, model_dir, device, cache_size=cache_size)
+def build_segmenter(ref: str, model_dir: Path, device: torch.device, cache_size: int = 8, **options) -> Segmenter:
+    """A hub id or directory of a registered segmenter family (SAM, SAM 3), or an original SAM `.pth` checkpoint."""
+    return build(SEGMENTER, ref, model_dir, device, cache_size=cache_size, **options)
 
 
 def build_embedder(ref: str, model_dir: Path, device: torch.device) -> ImageEncoder:
@@ -44,10 +44,12 @@ def build_embedder(ref: str, model_dir: Path, device: torch.device) -> ImageEnco
 
 
 class UnloadedModel:
-    """A model known by its id only, where it runs elsewhere (Ray actors) and this process only needs versions."""
+    """A model known by its id only, where it runs elsewhere (Ray actors) and this process only needs versions and
+    what the model's class declares (`kind`: e.g. SAM 3's `gives_masks`)."""
 
-    def __init__(self, model_id: str):
+    def __init__(self, model_id: str, kind: type | None = None):
         self.model_id = model_id
+        self.kind = kind
 
     def __getattr__(self, name: str):
         raise RuntimeError(f"model {self.model_id} is not loaded in this process (only its id is known)")

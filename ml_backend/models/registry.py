@@ -10,6 +10,7 @@ is one module with one registration; nothing else changes.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import logging
 import pkgutil
@@ -154,8 +155,12 @@ def find(ref: str, model_dir: Path, role: str) -> tuple[Family, Path]:
 
 
 def build(role: str, ref: str, model_dir: Path, device: torch.device, **options) -> Any:
-    """Build `ref` as a `role` with its family's builder; `options` are the role's (batch_size, cache_size)."""
+    """Build `ref` as a `role` with its family's builder; `options` are the role's (batch_size, cache_size) and
+    general ones (precision), each passed where the builder takes it."""
     family, path = find(ref, model_dir, role)
+    takes = inspect.signature(family.build).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+        options = {k: v for k, v in options.items() if k in takes}
     log.info("loading %s %s (%s) from %s on %s", role, ref, family.name, path, device)
     with quiet_weights():
         return family.build(path, ref, device, **options)
@@ -167,6 +172,15 @@ def model_id(ref: str, model_dir: Path) -> str:
     if family is not None and family.identify is not None:
         return family.identify(resolve_model(ref, model_dir))
     return ref
+
+
+def model_kind(ref: str, model_dir: Path, role: str) -> Any | None:
+    """The builder (for most families, the model's class) that `ref` would be built with, without loading it;
+    None where the model's files are not here."""
+    try:
+        return find(ref, model_dir, role)[0].build
+    except ModelUnavailableError:
+        return None
 
 
 def tiny_kinds() -> dict[str, tuple[Family, TinyWriter]]:

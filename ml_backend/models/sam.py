@@ -53,6 +53,23 @@ class EmbeddingCache:
                     self._items.popitem(last=False)
         return value
 
+    def peek(self, key: str) -> Any | None:
+        """The item under `key` (counted as a hit), or None (a miss); `put` stores what the caller computed."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                self.hits += 1
+                return self._items[key]
+            self.misses += 1
+            return None
+
+    def put(self, key: str, value: Any) -> None:
+        if self.size:
+            with self._lock:
+                self._items[key] = value
+                while len(self._items) > self.size:
+                    self._items.popitem(last=False)
+
     def info(self) -> dict:
         with self._lock:
             return {"size": len(self._items), "capacity": self.size, "hits": self.hits, "misses": self.misses}

@@ -216,9 +216,11 @@ def write_tiny_classifier(out: Path, seed: int = 0, family: str = "clip") -> Pat
 
 
 def write_tiny_sam3(out: Path, seed: int = 0) -> Path:
-    """A tiny random SAM 3 (concept segmentation: text -> instances with boxes and masks), 112 px input, 20 queries,
-    with the character-level CLIP tokenizer."""
-    from transformers import Sam3Config, Sam3ImageProcessor, Sam3Model, Sam3Processor
+    """A tiny random SAM 3 saved as the hub's `facebook/sam3` is (`sam3_video`: the concept detector and the click
+    tracker on one backbone), 112 px input, 20 queries, with the character-level CLIP tokenizer."""
+    from transformers import (
+        Sam3Config, Sam3ImageProcessor, Sam3Processor, Sam3TrackerVideoConfig, Sam3VideoConfig, Sam3VideoModel,
+    )
 
     torch.manual_seed(seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -228,13 +230,22 @@ def write_tiny_sam3(out: Path, seed: int = 0) -> Path:
                             window_size=4, global_attn_indexes=[1], pretrain_image_size=56)
     text = small | dict(vocab_size=len(tokenizer), projection_dim=32, num_hidden_layers=2, max_position_embeddings=32,
                         pad_token_id=0, bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1)
-    config = Sam3Config(
-        vision_config=dict(backbone_config=backbone, fpn_hidden_size=32, backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]]),
-        text_config=text, geometry_encoder_config=small | dict(num_layers=1),
+    vision = dict(backbone_config=backbone, fpn_hidden_size=32, backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]])
+    detector = Sam3Config(
+        vision_config=vision, text_config=text, geometry_encoder_config=small | dict(num_layers=1),
         detr_encoder_config=small | dict(num_layers=1), detr_decoder_config=small | dict(num_layers=1, num_queries=20),
         mask_decoder_config=dict(hidden_size=32, num_attention_heads=2),
     )
-    Sam3Model(config).eval().save_pretrained(out)
+    tracker = Sam3TrackerVideoConfig(
+        vision_config=vision, prompt_encoder_config=dict(hidden_size=32, image_size=112, patch_size=14),
+        mask_decoder_config=dict(hidden_size=32, num_attention_heads=2, mlp_dim=64, iou_head_hidden_dim=32),
+        image_size=112, memory_attention_hidden_size=32, memory_attention_num_layers=1,
+        memory_attention_feed_forward_hidden_size=64, memory_attention_rope_feat_sizes=[8, 8],
+        memory_encoder_hidden_size=32, memory_encoder_output_channels=16, mask_downsampler_embed_dim=32,
+        memory_fuser_embed_dim=32, memory_fuser_intermediate_dim=64, memory_fuser_num_layers=1,
+    )
+    config = Sam3VideoConfig(detector_config=detector.to_dict(), tracker_config=tracker.to_dict())
+    Sam3VideoModel(config).eval().save_pretrained(out)
     image_processor = Sam3ImageProcessor(size={"height": 112, "width": 112}, mask_size={"height": 32, "width": 32})
     Sam3Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     return out
