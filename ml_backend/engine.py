@@ -447,7 +447,7 @@ class Engine:
 
     def require_clicker(self) -> Segmenter:
         if (clicker := self.clicker) is None:
-            raise ConfigError("clicks need a segmenter, but the server runs without one (--segmenter)")
+            raise ConfigError("clicks were sent, but the server runs without a segmenter (--segmenter)")
         return clicker
 
     def find_like(self, image: np.ndarray, boxes: np.ndarray, box_labels: np.ndarray, label: str,
