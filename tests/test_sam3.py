@@ -79,3 +79,133 @@ def test_label_studio_brush_and_polygons_from_sam3_and_a_too_long_prompt_names_i
             sam3.detect([np.array(make_image(30, 20))], long.ontology())
     finally:
         server.stop()
+
+
+# -- issue 17: one load for text, exemplars, clicks and embeddings -------------------------------------------------
+def scene(height=96, width=160, seed=1):
+    return np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+
+
+def test_batched_images_give_the_same_answers_as_one_by_one(sam3):
+    images = [scene(96, 160, s) for s in range(3)] + [scene(40, 200, 9), scene(120, 120, 4)]
+    sam3.batch_size = 2
+    try:
+        batched = sam3.detect(images, PROMPTS.ontology())
+    finally:
+        sam3.batch_size = 4
+    for image, together in zip(images, batched):
+        (alone,) = sam3.detect([image], PROMPTS.ontology())
+        np.testing.assert_allclose(together.xyxy, alone.xyxy, atol=1e-3)
+        np.testing.assert_allclose(together.confidence, alone.confidence, atol=1e-5)
+        assert (together.mask == alone.mask).mean() > 0.999
+
+
+def test_boxes_only_never_makes_full_size_masks(sam3, monkeypatch):
+    def refuse(*_):
+        raise AssertionError("a full-size mask was made for a boxes-only request")
+
+    monkeypatch.setattr(type(sam3), "_full_masks", staticmethod(refuse))
+    (found,) = sam3.detect([scene()], PROMPTS.ontology(), masks=False)
+    assert len(found) and found.mask is None
+
+
+def test_uncertainty_signals_are_computed_for_sam3(engine):
+    strict = PromptsFile(labels={"Car": {"prompts": ["car", "truck"], "threshold": 0.5}, "Person": ["person"]},
+                         box_threshold=0.0)
+    (found,) = engine.detect([scene()], strict.ontology())
+    assert {"runner_up", "synonym_spread"} <= set(found.data) and "near_misses" in found.metadata
+    assert all(-0.1 <= m < 0 for m in found.metadata["near_misses"])
+    (result,) = engine.run([MediaItem(scene(), "s.png")], RequestSpec(strict.ontology()))
+    assert 0.0 <= result.score <= 1.0
+
+
+def test_find_all_like_this_from_exemplar_boxes(engine, sam3):
+    image = scene()
+    before = sam3.cache_info()
+    found = engine.find_like(image, np.array([[10, 10, 60, 70]]), np.array([1]), "Car")
+    after_first = sam3.cache_info()
+    assert after_first["misses"] == before["misses"] + 1  # the first exemplar pays the vision encoder
+    assert len(found) and set(found.data["class_name"]) == {"Car"} and found.mask.shape == (len(found), 96, 160)
+    assert (found.confidence >= 0.0).all() and (found.xyxy[:, 2] <= 160).all() and (found.xyxy[:, 3] <= 96).all()
+    # a second exemplar (and a negative one) on the same image reuses its vision features
+    again = engine.find_like(image, np.array([[70, 20, 120, 90], [10, 10, 60, 70]]), np.array([1, 0]), "Car", masks=False)
+    assert sam3.cache_info()["misses"] == after_first["misses"] and sam3.cache_info()["hits"] > after_first["hits"]
+    assert again.mask is None and set(again.data["class_name"]) <= {"Car"}
+
+
+@pytest.mark.parametrize("boxes, labels, message", [
+    ([[10, 10, 10, 50]], [1], r"exemplar box \[10.0, 10.0, 10.0, 50.0\] has no area"),
+    ([[200, 10, 260, 50]], [1], "lies outside the 160x96 image"),
+    ([[10, 10, 50, 50]], [0], "at least one positive box"),
+    ([[np.nan, 10, 50, 50]], [1], "has no area"),
+])
+def test_bad_exemplar_boxes_name_themselves(engine, boxes, labels, message):
+    from ml_backend.errors import RequestError
+
+    with pytest.raises(RequestError, match=message):
+        engine.find_like(scene(), np.array(boxes, float), np.array(labels), "Car")
+
+
+def test_clicks_go_to_sam3s_tracker_when_there_is_no_segmenter(engine, sam3):
+    image = scene()
+    engine.prepare(image)
+    hits = sam3.cache_info()["hits"]
+    mask, score = engine.segment(image, np.array([[40, 30]]), np.array([1]), None)
+    assert mask.shape == (96, 160) and mask.dtype == bool and 0.0 <= score <= 1.0
+    assert sam3.cache_info()["hits"] == hits + 1  # the click cost only the decoder
+    masks, scores = sam3.segment(image, boxes=np.array([[10, 10, 60, 70], [70, 20, 120, 90]]))
+    assert masks.shape == (2, 96, 160) and scores.shape == (2,)
+    image_embedding, box_embeddings = sam3.embed(image, np.array([[10, 10, 60, 70]]))
+    assert image_embedding.ndim == 1 and box_embeddings.shape[0] == 1
+    assert np.isclose(np.linalg.norm(box_embeddings[0]), 1.0, atol=1e-4)
+
+
+def test_one_load_serves_detector_and_segmenter(sam3, tmp_path):
+    path = sam3.model_id
+    engine = Engine.from_settings(Settings(detector=path, segmenter=path, model_dir=tmp_path))
+    assert engine.segmenter is engine.detector and engine.clicker is engine.detector
+
+
+def test_a_detector_only_checkpoint_refuses_clicks_by_name(sam3, tmp_path):
+    from transformers import Sam3Model
+
+    from ml_backend.errors import ConfigError
+
+    plain = tmp_path / "sam3-detector"
+    Sam3Model.from_pretrained(sam3.model_id).save_pretrained(plain)
+    sam3.processor.save_pretrained(plain)
+    detector = build_detector(str(plain), tmp_path, torch.device("cpu"))
+    assert not detector.clicks and len(detector.detect([scene()], PROMPTS.ontology())[0])
+    with pytest.raises(ConfigError, match="detector-only SAM 3 checkpoint"):
+        detector.segment(scene(), points=np.array([[5, 5]]), point_labels=np.array([1]))
+    engine = Engine(detector, None, PROMPTS, Settings(detector=str(plain), segmenter="", model_dir=tmp_path))
+    with pytest.raises(ConfigError, match="without a segmenter"):
+        engine.segment(scene(), np.array([[5, 5]]), np.array([1]), None)
+
+
+def test_precision_is_for_cuda_and_a_wrong_one_is_named(caplog):
+    from ml_backend.errors import ConfigError
+    from ml_backend.models.sam3 import model_dtype
+
+    assert model_dtype("bfloat16", torch.device("cpu")) is torch.float32 and "for CUDA" in caplog.text
+    assert model_dtype("float16", torch.device("cuda")) is torch.float16
+    with pytest.raises(ConfigError, match="precision 'half' is not one of"):
+        model_dtype("half", torch.device("cpu"))
+
+
+def test_a_checkpoint_of_the_wrong_kind_is_named(sam3, tmp_path):
+    from ml_backend.errors import ModelUnavailableError
+    from ml_backend.models import build_embedder
+    from ml_backend.models.registry import CLASSIFIER, find
+    from ml_backend.models.tiny import write_tiny_segmenter
+
+    sam = write_tiny_segmenter(tmp_path / "sam")
+    with pytest.raises(ModelUnavailableError, match=r"detector '.*sam' is a 'sam' model; supported: open-vocabulary detectors"):
+        build_detector(str(sam), tmp_path, torch.device("cpu"))
+    with pytest.raises(ModelUnavailableError, match="is a 'sam3_video' model"):
+        find(sam3.model_id, tmp_path, CLASSIFIER)
+    broken = tmp_path / "broken-sam3"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "sam3_video"}')
+    with pytest.raises(ModelUnavailableError, match=r"embedder '.*broken-sam3' \(sam3\) could not be loaded from .*broken-sam3"):
+        build_embedder(str(broken), tmp_path, torch.device("cpu"))

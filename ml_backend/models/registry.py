@@ -163,7 +163,11 @@ def build(role: str, ref: str, model_dir: Path, device: torch.device, **options)
         options = {k: v for k, v in options.items() if k in takes}
     log.info("loading %s %s (%s) from %s on %s", role, ref, family.name, path, device)
     with quiet_weights():
-        return family.build(path, ref, device, **options)
+        try:
+            return family.build(path, ref, device, **options)
+        except (OSError, ValueError, KeyError) as exc:  # missing or mismatched files: name the model, keep it short
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelUnavailableError(f"{role} {ref!r} ({family.name}) could not be loaded from {path}: {first}") from exc
 
 
 def model_id(ref: str, model_dir: Path) -> str:
