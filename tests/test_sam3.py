@@ -209,3 +209,29 @@ def test_a_checkpoint_of_the_wrong_kind_is_named(sam3, tmp_path):
     (broken / "config.json").write_text('{"model_type": "sam3_video"}')
     with pytest.raises(ModelUnavailableError, match=r"embedder '.*broken-sam3' \(sam3\) could not be loaded from .*broken-sam3"):
         build_embedder(str(broken), tmp_path, torch.device("cpu"))
+
+
+def test_cross_prompt_scores_give_runner_up_and_synonym_spread():
+    from ml_backend.models.prompted import merge, prompt_labels, score_boxes
+    from ml_backend.models.sam3 import cross_scores
+
+    prompts = PromptsFile(labels={"Car": ["car", "truck"], "Person": ["person"]}, box_threshold=0.3)
+    onto = prompts.ontology()
+    names = [p for p, _ in onto.prompts]
+    car, truck, person = (names.index(n) for n in ("car", "truck", "person"))
+    scores = torch.zeros(3, 2)
+    xyxy = torch.tensor([[[0, 0, 10, 10], [50, 50, 60, 60]]] * 3, dtype=torch.float32)
+    scores[car] = torch.tensor([0.9, 0.0])  # one object: "car" 0.9, "truck" 0.5, "person" 0.4
+    scores[truck] = torch.tensor([0.5, 0.0])
+    scores[person] = torch.tensor([0.4, 0.8])  # and a lone person elsewhere
+    xyxy[truck, 0] = torch.tensor([1, 0, 10, 10])  # IoU 0.9 with the car's box
+    table = cross_scores(scores, xyxy)
+    assert table[car * 2, truck] == pytest.approx(0.5) and table[car * 2, person] == pytest.approx(0.4)
+    assert table[person * 2 + 1, car] == 0  # nothing of "car" overlaps the lone person
+    found = merge([score_boxes(table, prompt_labels(names, onto), names, onto, xyxy.reshape(-1, 4))], onto)
+    by_label = {name: k for k, name in enumerate(found.data["class_name"])}
+    # one object, one label (as with Grounding DINO): the "person" instance on the car is the car, seen by "person"
+    assert set(by_label) == {"Car", "Person"} and len(found) == 2
+    car_row = int(np.argmax(found.confidence * (found.data["class_name"] == "Car")))
+    assert found.data["runner_up"][car_row] == pytest.approx(0.4)  # Person's score on the same object
+    assert found.data["synonym_spread"][car_row] == pytest.approx(0.4)  # car 0.9 vs truck 0.5

@@ -48,21 +48,31 @@ def check_prompt_lengths(tokenizer, prompts: list[str], max_len: int, model: str
             raise ValueError(f"prompt {prompt!r} is longer than {model} {max_len} tokens")
 
 
+def label_scores(scores: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """(Q, P) prompt scores -> (Q, L) label scores: each label's best prompt."""
+    out = torch.full((len(scores), num_labels), -1.0)
+    return out.scatter_reduce_(1, labels.expand(len(scores), -1), scores, reduce="amax")
+
+
+def passing(scores: torch.Tensor, labels: torch.Tensor, ontology: Ontology) -> torch.Tensor:
+    """(Q,) which boxes reach their best label's threshold (before a detector's own prompt test)."""
+    best, best_label = label_scores(scores, labels, len(ontology.labels)).max(-1)
+    return best >= torch.tensor([s.threshold for s in ontology.labels])[best_label]
+
+
 def score_boxes(scores: torch.Tensor, labels: torch.Tensor, prompts: list[str], ontology: Ontology,
                 xyxy: torch.Tensor, prompt_ok: torch.Tensor | None = None, masks: torch.Tensor | None = None) -> dict:
     """Boxes (Q, 4) scored against prompts (Q, P) whose labels are `labels` (P,) -> the kept candidates of one image
     (a part for `merge`). `prompt_ok` (Q, P) is a detector's own test of the chosen prompt (default: none); `masks`
     (Q, H, W) a detector's own mask per box, kept with it."""
-    num_labels = len(ontology.labels)
-    label_scores = torch.full((len(scores), num_labels), -1.0)
-    label_scores.scatter_reduce_(1, labels.expand(len(scores), -1), scores, reduce="amax")
-    best, best_label = label_scores.max(-1)
+    per_label = label_scores(scores, labels, len(ontology.labels))
+    best, best_label = per_label.max(-1)
     best_prompt = torch.where(labels[None, :] == best_label[:, None], scores, -1.0).argmax(-1)
     # synonym spread: how much the prompts of the chosen label disagree (0 when a label has one prompt)
     same = labels[None, :] == best_label[:, None]
     spread = torch.where(same, scores, 1e9).min(-1).values
     spread = (best - spread).clamp(min=0)
-    runner_up = label_scores.scatter(1, best_label[:, None], -1.0).max(-1).values.clamp(min=0)
+    runner_up = per_label.scatter(1, best_label[:, None], -1.0).max(-1).values.clamp(min=0)
     thresholds = torch.tensor([s.threshold for s in ontology.labels])[best_label]
     keep = best >= thresholds
     if prompt_ok is not None:

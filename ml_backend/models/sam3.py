@@ -3,9 +3,10 @@
 Concept segmentation finds every instance of a short noun phrase, with its box, mask and score. Each prompt of the
 ontology is one concept query on the image's vision features, computed once per image (a batch of images at once)
 and shared by its prompts; text features are computed once per prompt and kept. An instance's score for its prompt
-is SAM 3's (query score x presence score); from there the rules are Grounding DINO's (`prompted.py`): a box is kept
-at its label's threshold, instances of one label from any synonym are merged by NMS, near misses and the synonym
-spread are recorded (`active.py` reads them). Masks are made at full size only for kept candidates and only when
+is SAM 3's (query score x presence score). An instance that another prompt also found (IoU >= 0.7) gets that prompt's
+score too (`cross_scores`), so that from there the rules are Grounding DINO's (`prompted.py`): one object takes its
+best label, a box is kept at its label's threshold, instances of one label from any synonym are merged by NMS, near
+misses, the runner-up label and the synonym spread are recorded (`active.py` reads them). Masks are made at full size only for kept candidates and only when
 asked (a rectangle-only project never pays for them).
 
 Exemplars: boxes on objects of one image (1 positive, 0 negative) become a visual query that finds every similar
@@ -26,12 +27,13 @@ import numpy as np
 import supervision as sv
 import torch
 import torch.nn.functional as F
+from torchvision.ops import box_iou, nms
 
 from ..errors import ConfigError, RequestError
 from ..ontology import Ontology
 from ..types import NEAR_MISS_BAND, NEAR_MISSES, make_detections
 from .features import FeatureMap, embed_feature_map
-from .prompted import check_prompt_lengths, merge, nothing_to_run, prompt_labels, score_boxes
+from .prompted import check_prompt_lengths, merge, nothing_to_run, passing, prompt_labels, score_boxes
 from .registry import (
     BOX_PROMPTS, BOXES, CLICKS, DETECTOR, EMBEDDER, EMBEDDINGS, MASKS, SEGMENTER, TEXT_PROMPTS, model_type, register,
 )
@@ -43,6 +45,8 @@ log = logging.getLogger(__name__)
 VISUAL = "visual"  # SAM 3's text for a query made of exemplar boxes only
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TEXT_CACHE = 256
+CROSS_IOU = 0.7  # an instance of another prompt this overlapping is the same object, seen by that prompt
+CROSS_FLOOR = 0.01
 
 
 def model_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -68,6 +72,26 @@ def check_exemplars(boxes: np.ndarray, labels: np.ndarray, width: int, height: i
         if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
             raise RequestError(f"exemplar box {[round(v, 2) for v in (x1, y1, x2, y2)]} lies outside the "
                                f"{width}x{height} image")
+
+
+def cross_scores(scores: torch.Tensor, xyxy: torch.Tensor, iou: float = CROSS_IOU) -> torch.Tensor:
+    """Per-prompt instances of one image (scores (P, Q), pixel boxes (P, Q, 4)) -> a (P*Q, P) table as Grounding
+    DINO's: an instance's own score under its prompt, and under each other prompt the best score of that prompt's
+    instances that overlap it (IoU >= `iou`; 0 where none does). From it come the runner-up label and the synonym
+    spread, as for a detector that scores every box against every prompt."""
+    p, q = scores.shape
+    flat, own = xyxy.reshape(-1, 4), scores.reshape(-1)
+    table = torch.zeros((p * q, p))
+    live = (own >= CROSS_FLOOR).nonzero()[:, 0]  # instances worth comparing (the rest score ~0 anyway)
+    if len(live):
+        overlap = box_iou(flat, flat[live]) >= iou  # (P*Q, live)
+        prompt_of = live // q
+        for m in range(p):
+            theirs = prompt_of == m
+            if theirs.any():
+                table[:, m] = torch.where(overlap[:, theirs], own[live][theirs][None, :], 0.0).max(-1).values
+    table[torch.arange(p * q), torch.arange(p * q) // q] = own
+    return table
 
 
 def _vision_output(**fields):
@@ -193,27 +217,27 @@ class Sam3:
         prompts = [p for p, _ in ontology.prompts]
         check_prompt_lengths(self.processor.tokenizer, prompts, self.max_text_len, "SAM 3's")
         labels = prompt_labels(prompts, ontology)
-        thresholds = torch.tensor([s.threshold for s in ontology.labels])
         results = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
             vision = _stack(self._vision(chunk, keep=False))
-            parts: list[list[dict]] = [[] for _ in chunk]
-            for n, prompt in enumerate(prompts):
-                scores, boxes, logits = self._query(vision, prompt)
-                for i, image in enumerate(chunk):
-                    h, w = image.shape[:2]
-                    table = torch.full((scores.shape[1], len(prompts)), -1.0)  # an instance answers its prompt only
-                    table[:, n] = scores[i]
-                    extra = {}
-                    if masks:  # only candidates that can be kept get a full-size mask; the rest an empty one
-                        rows = (scores[i] >= thresholds[labels[n]]).nonzero()[:, 0]
-                        full = torch.zeros((scores.shape[1], h, w), dtype=torch.bool)
-                        full[rows] = self._full_masks(logits[i], rows, (h, w))
-                        extra["masks"] = full
-                    xyxy = boxes[i] * torch.tensor([w, h, w, h], dtype=torch.float32)
-                    parts[i].append(score_boxes(table, labels, prompts, ontology, xyxy, **extra))
-            results += [merge(p, ontology) for p in parts]
+            answers = [self._query(vision, prompt) for prompt in prompts]  # per prompt: (scores, boxes, mask logits)
+            for i, image in enumerate(chunk):
+                h, w = image.shape[:2]
+                scores = torch.stack([a[0][i] for a in answers])  # (P, Q)
+                xyxy = torch.stack([a[1][i] for a in answers]) * torch.tensor([w, h, w, h], dtype=torch.float32)
+                table = cross_scores(scores, xyxy)
+                flat = xyxy.reshape(-1, 4)
+                extra = {}
+                if masks:  # full-size masks only for the candidates that can be kept
+                    rows = passing(table, labels, ontology).nonzero()[:, 0]
+                    found = torch.zeros((len(flat), h, w), dtype=torch.bool)
+                    q = scores.shape[1]
+                    for n, (_, _, logits) in enumerate(answers):
+                        mine = rows[(rows >= n * q) & (rows < (n + 1) * q)]
+                        found[mine] = self._full_masks(logits[i], mine - n * q, (h, w))
+                    extra["masks"] = found
+                results.append(merge([score_boxes(table, labels, prompts, ontology, flat, **extra)], ontology))
         return results
 
     # -- exemplars -------------------------------------------------------------------------------------------------
@@ -234,8 +258,6 @@ class Sam3:
         xyxy[:, 0::2], xyxy[:, 1::2] = xyxy[:, 0::2].clamp(0, w), xyxy[:, 1::2].clamp(0, h)
         valid = (scores >= threshold) & (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
         rows = valid.nonzero()[:, 0]
-        from torchvision.ops import nms
-
         rows = rows[nms(xyxy[rows], scores[rows], nms_iou)][:max_detections]
         found = make_detections(xyxy[rows].numpy(), scores[rows].numpy(), np.zeros(len(rows), int),
                                 np.array([""] * len(rows), dtype=object))
