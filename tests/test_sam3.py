@@ -235,3 +235,15 @@ def test_cross_prompt_scores_give_runner_up_and_synonym_spread():
     car_row = int(np.argmax(found.confidence * (found.data["class_name"] == "Car")))
     assert found.data["runner_up"][car_row] == pytest.approx(0.4)  # Person's score on the same object
     assert found.data["synonym_spread"][car_row] == pytest.approx(0.4)  # car 0.9 vs truck 0.5
+
+
+def test_a_gated_model_says_how_to_get_access():
+    import httpx as hx
+    from huggingface_hub.errors import GatedRepoError
+
+    from ml_backend.models.loading import download_error
+
+    response = hx.Response(403, request=hx.Request("GET", "https://huggingface.co/api/models/facebook/sam3"))
+    error = download_error("facebook/sam3", GatedRepoError("Access to model facebook/sam3 is restricted.\nmore", response=response))
+    assert "is gated: accept its licence at https://huggingface.co/facebook/sam3" in str(error) and "HF_TOKEN" in str(error)
+    assert "\n" not in str(download_error("x/y", OSError("first line\nsecond")))

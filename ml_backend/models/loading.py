@@ -138,4 +138,16 @@ def resolve_model(ref: str, model_dir: Path) -> Path:
             ignore += ["*.bin", "*.pth", "*.pt"]
         return Path(snapshot_download(ref, ignore_patterns=ignore))
     except Exception as exc:  # noqa: BLE001 - hub errors have many types; report them as one
-        raise ModelUnavailableError(f"model {ref!r} could not be downloaded: {exc}") from exc
+        raise download_error(ref, exc) from exc
+
+
+def download_error(ref: str, exc: Exception) -> ModelUnavailableError:
+    """One line for a failed download; a gated model (facebook/sam3) says how to get access."""
+    from huggingface_hub.errors import GatedRepoError
+
+    if isinstance(exc, GatedRepoError):
+        return ModelUnavailableError(
+            f"model {ref!r} is gated: accept its licence at {hub_endpoint()}/{ref} with your account, then log in "
+            f"here (`hf auth login`, or set HF_TOKEN) and run `prelabel fetch` again")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ModelUnavailableError(f"model {ref!r} could not be downloaded: {first}")
