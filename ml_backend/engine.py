@@ -162,6 +162,7 @@ class Engine:
             det, seg, clf = (UnloadedModel(model_id(r, settings.model_dir),
                                            model_kind(r, settings.model_dir, role) if role else None) if r else None
                              for r, role in zip(refs, (DETECTOR, SEGMENTER, None)))
+            seg = det if det is not None and segmenter_ref == detector_ref else seg  # as loaded: one model
             return cls(det, seg, prompts, settings, clf)
         require_models({"detector": detector_ref if detector else None, "segmenter": segmenter_ref,
                         "classifier": classifier_ref(settings, prompts)}, settings.model_dir)
@@ -185,8 +186,12 @@ class Engine:
     # -- versions and ontologies --------------------------------------------------------------------------------
     @property
     def base_version(self) -> str:
-        seg = _short(self.segmenter.model_id) if self.segmenter else "nosam"
-        return f"{_short(self.detector.model_id) if self.detector else 'nodetector'}+{seg}"
+        """Names the models that answer: detector+segmenter, or the detector alone where it makes its own masks
+        (SAM 3, also as its own segmenter)."""
+        det = _short(self.detector.model_id) if self.detector else "nodetector"
+        if self.segmenter is not None and self.segmenter is not self.detector:
+            return f"{det}+{_short(self.segmenter.model_id)}"
+        return det if self.detector_masks else f"{det}+nosam"
 
     def model_version(self, ontology: Ontology, classifications: list[Classification] | tuple = ()) -> str:
         """Changes whenever a model or a resolved prompt/template/threshold changes. With classifications (Choices,

@@ -53,7 +53,7 @@ def test_the_engine_takes_the_detectors_masks_without_a_segmenter(engine):
     assert with_masks.error is None and with_masks.detections.mask.shape == (len(with_masks.detections), 60, 90)
     (boxes_only,) = engine.run(items, RequestSpec(engine.ontology(), masks=False))
     assert boxes_only.error is None and len(boxes_only.detections) and boxes_only.detections.mask is None
-    assert engine.gives_masks and engine.model_version(engine.ontology()).startswith("sam3+nosam-")
+    assert engine.gives_masks and engine.model_version(engine.ontology()).startswith("sam3-")
 
 
 def test_label_studio_brush_and_polygons_from_sam3_and_a_too_long_prompt_names_itself(engine, sam3, tmp_path):
@@ -247,3 +247,11 @@ def test_a_gated_model_says_how_to_get_access():
     error = download_error("facebook/sam3", GatedRepoError("Access to model facebook/sam3 is restricted.\nmore", response=response))
     assert "is gated: accept its licence at https://huggingface.co/facebook/sam3" in str(error) and "HF_TOKEN" in str(error)
     assert "\n" not in str(download_error("x/y", OSError("first line\nsecond")))
+
+
+def test_versions_name_sam3_alone_and_agree_between_loaded_and_unloaded_engines(sam3, tmp_path):
+    for segmenter in ("", sam3.model_id):
+        settings = Settings(detector=sam3.model_id, segmenter=segmenter, model_dir=tmp_path)
+        loaded, unloaded = Engine.from_settings(settings), Engine.from_settings(settings, load=False)
+        assert loaded.base_version == unloaded.base_version == "sam3"
+        assert unloaded.detector_masks and unloaded.finds_exemplars
