@@ -47,6 +47,7 @@ PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": t
 TEXT_CACHE = 256
 CROSS_IOU = 0.7  # an instance of another prompt this overlapping is the same object, seen by that prompt
 CROSS_FLOOR = 0.01
+MASK_CHUNK = 16  # masks upscaled to full size at once, bounding memory on large images
 
 
 def model_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -72,6 +73,18 @@ def check_exemplars(boxes: np.ndarray, labels: np.ndarray, width: int, height: i
         if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
             raise RequestError(f"exemplar box {[round(v, 2) for v in (x1, y1, x2, y2)]} lies outside the "
                                f"{width}x{height} image")
+
+
+class RowMasks:
+    """Full-size masks made for some candidate rows only (`rows`, ascending), indexed by a boolean selection of
+    candidates as a (candidates, H, W) tensor would be; every selected row must be one of `rows`."""
+
+    def __init__(self, rows: torch.Tensor, masks: torch.Tensor):
+        self.at = {r: i for i, r in enumerate(rows.tolist())}
+        self.masks = masks
+
+    def __getitem__(self, keep: torch.Tensor) -> torch.Tensor:
+        return self.masks[[self.at[r] for r in keep.nonzero()[:, 0].tolist()]]
 
 
 def cross_scores(scores: torch.Tensor, xyxy: torch.Tensor, iou: float = CROSS_IOU) -> torch.Tensor:
@@ -204,11 +217,12 @@ class Sam3:
 
     @staticmethod
     def _full_masks(logits: torch.Tensor, rows: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-        """Full-size boolean masks of the query `rows` (mask logits of one image)."""
-        if not len(rows):
-            return torch.zeros((0, *hw), dtype=torch.bool)
-        small = logits[rows.to(logits.device)].float()[None]
-        return (F.interpolate(small, size=hw, mode="bilinear", align_corners=False)[0] > 0).cpu()
+        """Full-size boolean masks of the query `rows` (mask logits of one image), a few at a time."""
+        out = torch.zeros((len(rows), *hw), dtype=torch.bool)
+        for start in range(0, len(rows), MASK_CHUNK):
+            small = logits[rows[start : start + MASK_CHUNK].to(logits.device)].float()[None]
+            out[start : start + MASK_CHUNK] = (F.interpolate(small, size=hw, mode="bilinear", align_corners=False)[0] > 0).cpu()
+        return out
 
     # -- text prompts ----------------------------------------------------------------------------------------------
     def detect(self, images: list[np.ndarray], ontology: Ontology, masks: bool = True) -> list[sv.Detections]:
@@ -231,12 +245,10 @@ class Sam3:
                 extra = {}
                 if masks:  # full-size masks only for the candidates that can be kept
                     rows = passing(table, labels, ontology).nonzero()[:, 0]
-                    found = torch.zeros((len(flat), h, w), dtype=torch.bool)
                     q = scores.shape[1]
-                    for n, (_, _, logits) in enumerate(answers):
-                        mine = rows[(rows >= n * q) & (rows < (n + 1) * q)]
-                        found[mine] = self._full_masks(logits[i], mine - n * q, (h, w))
-                    extra["masks"] = found
+                    made = [self._full_masks(logits[i], rows[(rows >= n * q) & (rows < (n + 1) * q)] - n * q, (h, w))
+                            for n, (_, _, logits) in enumerate(answers)]
+                    extra["masks"] = RowMasks(rows, torch.cat(made))
                 results.append(merge([score_boxes(table, labels, prompts, ontology, flat, **extra)], ontology))
         return results
 
