@@ -255,3 +255,13 @@ def test_versions_name_sam3_alone_and_agree_between_loaded_and_unloaded_engines(
         loaded, unloaded = Engine.from_settings(settings), Engine.from_settings(settings, load=False)
         assert loaded.base_version == unloaded.base_version == "sam3"
         assert unloaded.detector_masks and unloaded.finds_exemplars
+
+
+def test_sam3_from_the_hub_fails_fast_offline_in_one_line(tmp_path, monkeypatch):
+    from ml_backend.errors import ModelUnavailableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty hub cache
+    with pytest.raises(ModelUnavailableError) as error:
+        Engine.from_settings(Settings(detector="facebook/sam3", segmenter="", model_dir=tmp_path))
+    assert "facebook/sam3" in str(error.value) and "HF_HUB_OFFLINE" in str(error.value) and "\n" not in str(error.value)
