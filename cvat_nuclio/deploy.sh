@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Deploy prelabel's CVAT functions with nuctl, as CVAT's own serverless/deploy_{cpu,gpu}.sh deploy theirs.
 #
-#   cvat_nuclio/deploy.sh [--gpu] [FUNCTION_DIR ...]    (default: cvat_nuclio/grounding_dino cvat_nuclio/sam)
+#   cvat_nuclio/deploy.sh [--gpu] [FUNCTION ...]    (default: cvat_nuclio/grounding_dino cvat_nuclio/sam)
+#
+# A FUNCTION is a folder, or the name of one here: grounding_dino, sam, sam3 (SAM 3: text prompts -> masks).
 #
 # Needs docker, nuctl (the version your CVAT's docker-compose.serverless.yml names) and a running CVAT started with
 # that compose file. Environment: CVAT_NETWORK (default cvat_cvat), NUCTL (default nuctl), DOCKER (default docker).
@@ -16,6 +18,11 @@ NETWORK="${CVAT_NETWORK:-cvat_cvat}"
 variant=cpu
 if [[ "${1:-}" == "--gpu" ]]; then variant=gpu; shift; fi
 if [[ $# -eq 0 ]]; then set -- "$SCRIPT_DIR/grounding_dino" "$SCRIPT_DIR/sam"; fi
+dirs=()
+for func in "$@"; do
+    if [[ ! -d "$func" && -d "$SCRIPT_DIR/$func" ]]; then dirs+=("$SCRIPT_DIR/$func"); else dirs+=("$func"); fi
+done
+set -- "${dirs[@]}"
 
 for tool in "$NUCTL" "$DOCKER"; do
     command -v "$tool" >/dev/null || { echo "error: $tool is not on PATH (see README: CVAT)" >&2; exit 2; }

@@ -1,4 +1,5 @@
-"""CVAT interactor: SAM turns clicks and/or a box into a mask and polygon. A thin shell over ml_backend."""
+"""CVAT interactor: SAM (or SAM 3's tracker) turns clicks and/or a box into a mask and polygon. A thin shell over
+ml_backend."""
 
 from pathlib import Path
 

@@ -1,13 +1,14 @@
-"""A cvat-sdk auto-annotation detection function: Grounding DINO (+ SAM) for the labels of a prompts file, and tags
-from a zero-shot classifier (CLIP/SigLIP) for its `tags:` labels.
+"""A cvat-sdk auto-annotation detection function: Grounding DINO (+ SAM), or SAM 3 alone (boxes and its own masks),
+for the labels of a prompts file, and tags from a zero-shot classifier (CLIP/SigLIP) for its `tags:` labels.
 
     cvat-cli task auto-annotate TASK_ID --function-module ml_backend.cvat.auto_annotation \\
         -p prompts=str:prompts/example.yaml [-p shape=str:mask] [--conf-threshold 0.3] [--conv-mask-to-poly]
 
 Parameters (`-p NAME=TYPE:VALUE`): `prompts` (file), `shape` (`rectangle`, `mask`, `polygon`, or per label
-`Car=mask,Person=rectangle`; unnamed labels get rectangles), `detector`, `segmenter`, `classifier`, `device`. CVAT
-matches the labels to the task's by name (tag labels to tag labels); `--conf-threshold` replaces the prompts file's
-box thresholds (tags keep their own: CVAT stores no score on a tag). Free self-hosted CVAT runs it.
+`Car=mask,Person=rectangle`; unnamed labels get rectangles), `detector` (`facebook/sam3`: masks from SAM 3 itself,
+no SAM is loaded), `segmenter`, `classifier`, `device`. CVAT matches the labels to the task's by name (tag labels
+to tag labels); `--conf-threshold` replaces the prompts file's box thresholds (tags keep their own: CVAT stores no
+score on a tag). Free self-hosted CVAT runs it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..media import MediaItem
 from ..ontology import PromptsFile
 from ..settings import Settings
 from .convert import SHAPE_TYPES, classification_to_sdk_tags, detections_to_sdk_shapes
+from .engines import without_segmenter_if_sam3
 
 
 def parse_shapes(value: str, labels: list[str]) -> dict[str, str]:
@@ -62,8 +64,8 @@ class PrelabelDetectionFunction:
         needs_masks = any(s != "rectangle" for s in self.shapes.values())
         if not needs_masks or segmenter is not None:  # boxes only: SAM is not loaded
             overrides["segmenter"] = segmenter if needs_masks and segmenter.lower() != "none" else ""
-        self.engine = Engine.from_settings(Settings(**overrides))
-        if needs_masks:
+        self.engine = Engine.from_settings(without_segmenter_if_sam3(Settings(**overrides)))  # SAM 3: its own masks
+        if needs_masks and not self.engine.gives_masks:
             self.engine.require_segmenter()
         self.ontology = self.engine.ontology()
         self.tags = self.engine.prompts.tag_classification()
@@ -76,7 +78,8 @@ class PrelabelDetectionFunction:
         self.spec = cvataa.DetectionFunctionSpec(labels=labels)
 
     def detect(self, context: cvataa.DetectionFunctionContext, image: PIL.Image.Image) -> list:
-        """Tags, then each detection as its label's shape; SAM runs only on images where a mask label was found."""
+        """Tags, then each detection as its label's shape; SAM runs only on images where a mask label was found
+        (SAM 3 masks only its candidates, and only when a label is a mask or polygon)."""
         ontology = self.ontology if context.conf_threshold is None else self.ontology.with_threshold(context.conf_threshold)
         classify = (ClassifyRequest("tags", self.tags),) if self.tags is not None else ()
         item = MediaItem(np.array(image.convert("RGB")), getattr(context, "frame_name", "a CVAT frame"))

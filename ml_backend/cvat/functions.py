@@ -17,6 +17,7 @@ from .serverless import PROMPTS_FILE, SHAPE_ENV, label_spec
 
 FUNCTION_FILES = ("function.yaml", "function-gpu.yaml")
 FETCH = "prelabel fetch --prompts /opt/nuclio/" + PROMPTS_FILE
+DETECTOR_ENV, SEGMENTER_ENV = "PRELABEL_DETECTOR", "PRELABEL_SEGMENTER"
 
 
 def _yaml() -> YAML:
@@ -33,6 +34,19 @@ def _set_env(env: list, name: str, value: str) -> None:
             item["value"] = value
             return
     env.append({"name": name, "value": value})
+
+
+def fetch_command(env: dict[str, str], shape: str) -> str:
+    """The build's `prelabel fetch`: the models the function's environment names (PRELABEL_DETECTOR, e.g. SAM 3),
+    else the prompts file's; no segmenter for boxes only or where PRELABEL_SEGMENTER is empty (SAM 3's own masks)."""
+    command = FETCH
+    if env.get(DETECTOR_ENV):
+        command += f" --detector {env[DETECTOR_ENV]}"
+    if shape == "rectangle" or env.get(SEGMENTER_ENV, None) == "":
+        command += " --segmenter none"
+    elif env.get(SEGMENTER_ENV):
+        command += f" --segmenter {env[SEGMENTER_ENV]}"
+    return command
 
 
 def write_function_spec(function_dir: Path, prompts: Path, shape: str = "rectangle") -> list[Path]:
@@ -56,9 +70,10 @@ def write_function_spec(function_dir: Path, prompts: Path, shape: str = "rectang
             raise ConfigError(f"{path} is not a detector function (metadata.annotations.type)")
         annotations["spec"] = LiteralScalarString(text)
         _set_env(doc["spec"].setdefault("env", []), SHAPE_ENV, shape)
+        env = {item.get("name"): str(item.get("value") or "") for item in doc["spec"]["env"]}
         for directive in doc["spec"]["build"]["directives"].get("postCopy", []):
             if directive.get("kind") == "RUN" and str(directive.get("value", "")).startswith("prelabel fetch"):
-                directive["value"] = FETCH + (" --segmenter none" if shape == "rectangle" else "")
+                directive["value"] = fetch_command(env, shape)
         yaml.dump(doc, path)
         written.append(path)
     if not written:

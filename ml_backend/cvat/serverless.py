@@ -21,12 +21,13 @@ from typing import Any, Callable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..engine import ClassifyRequest, Engine, RequestSpec, model_refs
+from ..engine import ClassifyRequest, Engine, RequestSpec
 from ..errors import ConfigError, ImageError, PrelabelError, RequestError, validated
 from ..media import MediaItem, decode_image
-from ..ontology import Classification, Ontology, PromptsFile
+from ..ontology import Classification, Ontology
 from ..settings import Settings
 from .convert import SHAPE_TYPES, classification_to_tags, clicks, detections_to_shapes, match_labels, polygon_points
+from .engines import NO_CLICKS, clicker_engine, without_segmenter_if_sam3
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +83,13 @@ def _settings(function_dir: Path | None, **overrides) -> Settings:
 
 
 class DetectorFunction:
-    """Boxes (and masks for `mask`/`polygon`) for the labels of the prompts file, and tags (zero-shot
-    classification of the whole image) for its `tags:` labels."""
+    """Boxes (and masks for `mask`/`polygon`: SAM 3's own, else SAM's on the boxes) for the labels of the prompts
+    file, and tags (zero-shot classification of the whole image) for its `tags:` labels."""
 
     def __init__(self, engine: Engine, shape: str = "rectangle"):
         if shape not in SHAPE_TYPES:
             raise ConfigError(f"{SHAPE_ENV}={shape!r} is not one of {SHAPE_TYPES}")
-        if shape != "rectangle":
+        if shape != "rectangle" and not engine.gives_masks:
             engine.require_segmenter()
         self.engine, self.shape = engine, shape
         self.ontology = engine.ontology()
@@ -102,7 +103,7 @@ class DetectorFunction:
     def from_env(cls, function_dir: Path | None = None) -> DetectorFunction:
         shape = os.environ.get(SHAPE_ENV, "rectangle")
         overrides = {"segmenter": ""} if shape == "rectangle" else {}  # boxes only: do not load SAM
-        return cls(Engine.from_settings(_settings(function_dir, **overrides)), shape)
+        return cls(Engine.from_settings(without_segmenter_if_sam3(_settings(function_dir, **overrides))), shape)
 
     def label_spec(self) -> list[dict]:
         return label_spec(self.ontology, self.shape, self.tags)
@@ -137,18 +138,18 @@ class DetectorFunction:
 
 
 class InteractorFunction:
-    """SAM: positive/negative clicks and/or a box -> one mask; image embeddings are cached across clicks."""
+    """SAM (or SAM 3's tracker): positive/negative clicks and/or a box -> one mask; image embeddings are cached
+    across clicks."""
 
     def __init__(self, engine: Engine):
-        engine.require_segmenter()
+        if engine.clicker is None:
+            raise ConfigError(f"the interactor: {NO_CLICKS}")
         self.engine = engine
 
     @classmethod
     def from_env(cls, function_dir: Path | None = None) -> InteractorFunction:
-        settings = _settings(function_dir)
-        if not model_refs(settings, PromptsFile.load(settings.prompts))[1]:
-            raise ConfigError("the interactor needs a segmenter (PRELABEL_SEGMENTER)")
-        return cls(Engine.from_settings(settings, detector=False))
+        """PRELABEL_SEGMENTER (SAM or SAM 3), else SAM 3 as PRELABEL_DETECTOR with an empty PRELABEL_SEGMENTER."""
+        return cls(clicker_engine(_settings(function_dir)))
 
     def __call__(self, body: Any) -> dict:
         req = _parse(InteractBody, body)
