@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from typer.testing import CliRunner
 
 from ml_backend.cli import _with_stack, app
