@@ -143,11 +143,8 @@ def test_review_embeds_with_the_sam3_teacher_and_never_loads_it_twice(sam3, tiny
     assert whole.ndim == 1 and objects.shape[0] == 2
     np.testing.assert_allclose(np.linalg.norm(objects, axis=1), 1.0, rtol=1e-5)
     # the prompts file names the teacher just as well (the engine's rule: flags, then the file)
-    from_file = Settings(prompts=prompts_file(tmp_path / "p.yaml", Car=["car"]), model_dir=tmp_path)
-    from_file.model_fields_set.discard("detector")
-    text = yaml.safe_load((tmp_path / "p.yaml").read_text()) | {"detector": str(sam3), "segmenter": ""}
-    (tmp_path / "p.yaml").write_text(yaml.safe_dump(text))
-    assert isinstance(review_embedder(from_file).encoder, Sam3)
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"detector": str(sam3), "labels": {"Car": ["car"]}}))
+    assert isinstance(review_embedder(Settings(prompts=tmp_path / "p.yaml", model_dir=tmp_path)).encoder, Sam3)
     # an engine that has SAM 3 already lends it: by default, and when it is named as the embedding model
     engine = Engine.from_settings(Settings(detector=str(sam3), segmenter=str(sam3), model_dir=tmp_path))
     assert engine.segmenter is engine.detector  # one load for both roles

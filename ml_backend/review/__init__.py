@@ -122,8 +122,7 @@ def review_embedder(settings: Settings, model: str | None = None, engine=None):
     detector's backbone), the models as the engine picks them (flags, then the prompts file). `engine`: models
     already loaded, used as they are (SAM 3 is never loaded twice)."""
     from ..engine import model_refs
-    from ..models import ImageEncoder, UnloadedModel, build_detector, build_segmenter, model_id, model_kind, pick_device
-    from ..models.registry import DETECTOR
+    from ..models import ImageEncoder, UnloadedModel, build_detector, build_segmenter, model_id, pick_device
     from ..ontology import PromptsFile
     from .embeddings import ClipEmbedder, Embedder, make_embedder
 
@@ -140,12 +139,30 @@ def review_embedder(settings: Settings, model: str | None = None, engine=None):
     detector, segmenter = model_refs(settings, PromptsFile.load(settings.prompts))
     device = pick_device(settings.device)
     options = dict(precision=settings.precision)
-    if detector and getattr(model_kind(detector, settings.model_dir, DETECTOR), "gives_masks", False):
-        # SAM 3: the teacher's own encoder (one load, whether or not it is the segmenter too)
+    if detector and (not segmenter or segmenter == detector or _segments(detector, settings.model_dir)):
+        # SAM 3 (the teacher's own encoder, one load whether or not it is the segmenter too), or no SAM at all
         return make_embedder(detector=build_detector(detector, settings.model_dir, device, **options))
     if segmenter:
         return make_embedder(segmenter=build_segmenter(segmenter, settings.model_dir, device, **options))
-    return make_embedder(detector=build_detector(detector, settings.model_dir, device, **options))
+    return make_embedder()  # no model at all: the error says what to give
+
+
+def _segments(detector: str, model_dir: Path) -> bool:
+    """Does `detector` make its own masks (SAM 3)? Asked of its files only where they are here already: nothing is
+    downloaded for the question (a model not here is built by the role that needs it)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from ..models import model_kind
+    from ..models.registry import DETECTOR
+
+    local = (Path(detector).expanduser(), model_dir / detector, model_dir / detector.rstrip("/").split("/")[-1])
+    if not any(p.exists() for p in local):
+        try:
+            if not isinstance(try_to_load_from_cache(detector, "config.json"), str):
+                return False
+        except ValueError:  # not a hub id (e.g. student:DIR): no masks of its own
+            return False
+    return bool(getattr(model_kind(detector, model_dir, DETECTOR), "gives_masks", False))
 
 
 def review_folder(records: list[LabeledImage], name: str, out: Path, loader: ImageSource | None = None,
