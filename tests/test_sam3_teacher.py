@@ -290,6 +290,7 @@ def local_ray():
 
 
 def test_annotate_on_ray_with_sam3_stores_its_masks_in_label_studio(local_ray, label_studio, image_dir, sam3, tmp_path):
+    """No --segmenter given: SAM 3 masks by itself, so the default SAM (not here, offline) is never asked for."""
     from label_studio_sdk.client import LabelStudio
     from label_studio_sdk.label_interface import LabelInterface
 
@@ -304,7 +305,7 @@ def test_annotate_on_ray_with_sam3_stores_its_masks_in_label_studio(local_ray, l
                                                          for i in range(3)])
     prompts = prompts_file(tmp_path / "prompts.yaml", Car=["car"], Person=["person"])
     result = CliRunner().invoke(app, ["annotate", "--project", str(project.id), "--url", label_studio, "--api-key",
-                                      LEGACY_TOKEN, "--detector", str(sam3), "--segmenter", "none", "--prompts",
+                                      LEGACY_TOKEN, "--detector", str(sam3), "--prompts",
                                       str(prompts), "--engine", "ray", "--ray-actors", "1", "--batch-size", "2",
                                       "--report", str(tmp_path / "report.json")],
                                 env={"MODEL_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"})
