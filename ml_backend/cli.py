@@ -285,9 +285,9 @@ def review(
     name: Optional[str] = typer.Option(None, help="FiftyOne dataset (default: prelabel-project-ID or prelabel-FILE)."),
     out: Optional[Path] = typer.Option(None, help="Plots, flagged.json and the image cache (default: MODEL_DIR/review/NAME)."),
     embeddings: bool = typer.Option(True, "--embeddings/--no-embeddings", help="Object map, uniqueness and near duplicates from the engine's image encoder."),
-    embedding_model: Optional[str] = typer.Option(None, help="A CLIP/SigLIP model (hub id or local directory) to embed images and objects with, instead of the engine's encoder."),
+    embedding_model: Optional[str] = typer.Option(None, help="An image encoder (hub id or local directory: CLIP/SigLIP, SAM, SAM 3) to embed images and objects with, instead of the engine's encoder."),
     segmenter: Optional[str] = typer.Option(None, help="The SAM whose image encoder gives embeddings: hub id, local directory or 'none'."),
-    detector: Optional[str] = typer.Option(None, help="With --segmenter none: the detector whose backbone gives embeddings."),
+    detector: Optional[str] = typer.Option(None, help="The detector (teacher): SAM 3 (e.g. facebook/sam3) embeds with its own encoder, SAM or no SAM; another's backbone embeds with --segmenter none."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
     viz: str = typer.Option("umap", help="Object map method: umap, tsne or pca."),
     prune: bool = typer.Option(False, "--prune", help="Remove samples whose task or image is no longer in the source."),
@@ -385,7 +385,7 @@ def distill(
     export: bool = typer.Option(True, "--export/--no-export", help="Export ONNX (checked with ONNX Runtime) and time it."),
     restart: bool = typer.Option(False, "--restart", help="Ignore an earlier run's checkpoint in --out and start over."),
     model_version: Optional[str] = typer.Option(None, help="--project: the teacher's predictions of this model version (default: the project's)."),
-    teacher: Optional[str] = typer.Option(None, help="Evaluate this detector (hub id or directory, e.g. Grounding DINO or OWLv2) as the teacher on the held-out images, instead of stored predictions."),
+    teacher: Optional[str] = typer.Option(None, help="Evaluate this detector (hub id or directory, e.g. Grounding DINO, OWLv2 or SAM 3) as the teacher on the held-out images, instead of stored predictions."),
     prompts: Optional[Path] = typer.Option(None, help="--teacher: its prompts file (labels without an entry are their own prompt)."),
     url: Optional[str] = typer.Option(None, help="Label Studio address (LABEL_STUDIO_URL)."),
     api_key: Optional[str] = typer.Option(None, help="Label Studio API key (LABEL_STUDIO_API_KEY)."),
@@ -491,6 +491,7 @@ def prompts_eval(
     coco: Optional[Path] = typer.Option(None, help="A COCO file of human annotations (the ground truth)."),
     images: Optional[Path] = typer.Option(None, help="--coco: the folder holding the images."),
     models: Optional[str] = typer.Option(None, help="Detectors to compare, comma-separated hub ids or directories (overrides the file's models:)."),
+    detector: list[str] = typer.Option(None, "--detector", help="A detector (teacher) to compare, e.g. Grounding DINO and SAM 3: repeat it for each (with --models: added to them)."),
     out: Optional[Path] = typer.Option(None, help="report.json, prompts.yaml (the winners), curves/*.png (default: MODEL_DIR/workbench/NAME)."),
     cache: Optional[Path] = typer.Option(None, help="Prediction cache folder (default: MODEL_DIR/cache/workbench)."),
     min_score: float = typer.Option(0.05, min=0, max=1, help="Box threshold candidates run at (low, so the PR curve covers the range)."),
@@ -503,7 +504,8 @@ def prompts_eval(
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ):
     """Run every candidate prompt (and detector) on the annotated samples: per label AP, AP50 and the best score
-    threshold, PR curves, a JSON report and the winning prompts file. Outputs are cached: a re-run computes nothing."""
+    threshold, PR curves, a JSON report and the winning prompts file; with several detectors, per label the better
+    teacher and its best prompt. Outputs are cached: a re-run computes nothing."""
     from .cli_sources import Source, open_source
     from .workbench import DetectParams, evaluate_prompts, print_workbench
 
@@ -515,7 +517,7 @@ def prompts_eval(
             out = out or settings.model_dir / "workbench" / source.name
             params = DetectParams(min_score, text_threshold, max_detections=settings.max_detections)
             report = evaluate_prompts(opened.records, candidates, out, settings, models, cache, opened.images, params,
-                                      synonyms)
+                                      synonyms, detectors=detector)
     print_workbench(report)
     typer.echo(f"detector runs: {report.computed} computed, {report.cached} from the cache")
     typer.echo(f"winning prompts: {report.outputs['prompts']}; report: {report.outputs['report']}; "

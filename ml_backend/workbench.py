@@ -1,10 +1,13 @@
-"""Prompt workbench: which text prompt (and which detector) finds each label best on samples people corrected.
+"""Prompt workbench: which text prompt (and which detector, the teacher) finds each label best on samples people
+corrected.
 
 Every candidate prompt of a label runs alone (an ontology of that one label with that one prompt) at a low score
 threshold, so that the precision/recall curve covers the whole range; the human annotations are the ground truth.
 Per candidate: AP (mAP@[.5:.95]) and AP50 by pycocotools (`evaluation.coco_evaluate`), and the score threshold that
 maximises F1 at IoU 0.5 with its precision and recall. Model outputs are cached per image content, model and prompt
 (`PredictionCache`, one SQLite file), so a new candidate costs only its own runs and a re-run costs none.
+With several detectors (e.g. Grounding DINO and SAM 3), each label also gets a teacher comparison: every detector's
+best candidate for it, and the better teacher (`WorkbenchReport.teachers`).
 Writes PR curves (one PNG per label, one curve per candidate and model), `report.json` and a prompts file with the
 winners (`prompts.yaml`, loadable by `PromptsFile.load`).
 """
@@ -123,13 +126,17 @@ class CandidatesFile(BaseModel):
         return CandidatesFile(models=self.models, labels=labels)
 
 
-def parse_models(value: str | None) -> list[str]:
-    """`--models a,b` -> ["a", "b"]."""
-    if value is None:
-        return []
-    models = [m.strip() for m in value.split(",")]
-    if not all(models):
-        raise CandidatesError(f"--models {value!r}: give model ids or directories separated by commas, none empty")
+def parse_models(value: str | None, detectors: list[str] | None = None) -> list[str]:
+    """`--models a,b` and `--detector c --detector d` -> ["a", "b", "c", "d"] (each once, in that order)."""
+    models = []
+    if value is not None:
+        models = [m.strip() for m in value.split(",")]
+        if not all(models):
+            raise CandidatesError(f"--models {value!r}: give model ids or directories separated by commas, none empty")
+    for ref in detectors or []:
+        if not ref.strip():
+            raise CandidatesError("--detector is empty: give a hub id or a local directory")
+        models.append(ref.strip())
     return list(dict.fromkeys(models))
 
 
@@ -247,6 +254,33 @@ class CandidateResult:
     def rank(self) -> tuple[float, float, float]:
         return self.ap, self.ap50, (self.best or {}).get("f1", 0.0)
 
+    def summary(self) -> dict:
+        return {"prompts": self.prompts, "ap": self.ap, "ap50": self.ap50, "best": self.best}
+
+
+@dataclass
+class TeacherComparison:
+    """One label under every detector: each one's best candidate (by AP, then AP50, then F1), and the better
+    teacher (the earlier model on a tie)."""
+
+    label: str
+    best: dict[str, CandidateResult]  # model -> its best candidate for the label
+    better: str
+
+    @classmethod
+    def of(cls, label: str, models: list[str], results: list[CandidateResult]) -> TeacherComparison:
+        best = {}
+        for model in models:
+            mine = [r for r in results if r.label == label and r.model == model]
+            if mine:  # stable: the earlier candidate wins a tie
+                best[model] = sorted(mine, key=lambda r: r.rank(), reverse=True)[0]
+        better = max(best, key=lambda m: (best[m].rank(), -models.index(m)))
+        return cls(label, best, better)
+
+    def as_dict(self) -> dict:
+        return {"better": self.better, "by": "ap, then ap50, then f1",
+                "models": {m: r.summary() for m, r in self.best.items()}}
+
 
 @dataclass
 class WorkbenchReport:
@@ -265,6 +299,12 @@ class WorkbenchReport:
     def for_label(self, label: str) -> list[CandidateResult]:
         return [r for r in self.results if r.label == label]
 
+    @property
+    def teachers(self) -> dict[str, TeacherComparison]:
+        """Per label: every detector's best candidate and the better teacher."""
+        labels = dict.fromkeys(r.label for r in self.results)
+        return {label: TeacherComparison.of(label, self.models, self.results) for label in labels}
+
     def model_scores(self) -> dict[str, float]:
         """Per model: mean over labels of its best candidate's AP."""
         labels = list(dict.fromkeys(r.label for r in self.results))
@@ -281,8 +321,8 @@ class WorkbenchReport:
         return {
             "images": self.images, "unannotated": self.unannotated, "models": self.models, "params": asdict(self.params),
             "model_scores": self.model_scores(), "detector": self.detector,
-            "winners": {label: {"prompts": r.prompts, "ap": r.ap, "ap50": r.ap50, "best": r.best}
-                        for label, r in self.winners.items()},
+            "winners": {label: r.summary() for label, r in self.winners.items()},
+            "teachers": {label: t.as_dict() for label, t in self.teachers.items()},
             "results": [one(r) for r in self.results],
             "computed": self.computed, "cached": self.cached, "outputs": self.outputs,
         }
@@ -319,7 +359,8 @@ class Workbench:
     def _registry_detector(self, ref: str):
         from .models import build_detector, pick_device
 
-        return build_detector(ref, self.settings.model_dir, pick_device(self.settings.device), self.settings.batch_size)
+        return build_detector(ref, self.settings.model_dir, pick_device(self.settings.device), self.settings.batch_size,
+                              precision=self.settings.precision)
 
     @property
     def truth_labels(self) -> list[str]:
@@ -478,10 +519,16 @@ def winning_prompts(report: WorkbenchReport, source: str = "") -> str:
         "# Per label the candidate with the best AP (mAP@[.5:.95]) under the best detector; threshold: the score",
         "# that maximised F1 at IoU 0.5. The numbers are in report.json beside this file.",
     ]
+    teachers = report.teachers if len(report.models) > 1 else {}
     for label, r in report.winners.items():
         best = r.best or {}
         header.append(f"#   {label}: AP {r.ap:.3f}, AP50 {r.ap50:.3f}"
                       + (f", P {best['precision']:.2f} R {best['recall']:.2f} F1 {best['f1']:.2f}" if best else ""))
+        other = teachers.get(label)
+        if other is not None and other.better != report.detector:  # one detector per prompts file: say so
+            theirs = other.best[other.better]
+            header.append(f"#     (better teacher for {label}: {other.better}, AP {theirs.ap:.3f} with "
+                          f"{theirs.name!r}; see teachers in report.json)")
     return "\n".join(header) + "\n" + yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
 
 
@@ -570,18 +617,41 @@ def print_workbench(report: WorkbenchReport, console=None) -> None:
         table.add_section()
     console.print(table)
     if len(report.models) > 1:
+        print_teachers(report, console)
         console.print("models (mean best AP): " + ", ".join(f"{m} {s:.3f}" for m, s in scores.items())
                       + f"; best: {report.detector}")
+
+
+def print_teachers(report: WorkbenchReport, console) -> None:
+    """Per label, every detector with its best prompt; the better teacher marked."""
+    from rich.table import Table
+
+    table = Table(title="teachers per label: each detector with its best prompt (* the better teacher)")
+    for column in ("label", "teacher", "best prompt", "AP", "AP50", "threshold", "P", "R", "F1"):
+        table.add_column(column, justify="left" if column in ("label", "teacher", "best prompt") else "right")
+    for label, comparison in report.teachers.items():
+        for model, r in comparison.best.items():
+            better = model == comparison.better
+            best = r.best or {}
+            table.add_row(label, ("* " if better else "  ") + _short_model(model, report.models), r.name,
+                          f"{r.ap:.3f}", f"{r.ap50:.3f}",
+                          *([f"{best['threshold']:.3f}", f"{best['precision']:.2f}", f"{best['recall']:.2f}",
+                             f"{best['f1']:.2f}"] if best else ["-"] * 4),
+                          style="bold green" if better else None)
+        table.add_section()
+    console.print(table)
 
 
 def evaluate_prompts(records: list[LabeledImage], candidates_path: Path, out: Path, settings: Settings,
                      models: str | None = None, cache_dir: Path | None = None, loader: ImageSource | None = None,
                      params: DetectParams | None = None, synonyms: int = 0, progress: bool = True,
-                     build_detector: Callable[[str], object] | None = None) -> WorkbenchReport:
+                     build_detector: Callable[[str], object] | None = None,
+                     detectors: list[str] | None = None) -> WorkbenchReport:
     """What `prelabel prompts eval` does: load and check the candidates, run them (cached under `cache_dir`, default
-    MODEL_DIR/cache/workbench), write the outputs into `out`."""
+    MODEL_DIR/cache/workbench), write the outputs into `out`. The detectors: `models` (comma-separated) and
+    `detectors`, else the candidates file's, else the settings'."""
     candidates = CandidatesFile.load(candidates_path)
-    chosen = parse_models(models) or candidates.models or [settings.detector]
+    chosen = parse_models(models, detectors) or candidates.models or [settings.detector]
     cache = PredictionCache(cache_dir or settings.model_dir / "cache" / "workbench")
     try:
         bench = Workbench(records, cache, settings, loader, params, build_detector=build_detector, progress=progress)
@@ -595,6 +665,6 @@ def evaluate_prompts(records: list[LabeledImage], candidates_path: Path, out: Pa
 
 __all__ = [
     "CandidatesError", "CandidatesFile", "DetectParams", "PredictionCache", "Workbench", "WorkbenchReport",
-    "CandidateResult", "evaluate_prompts", "image_hash", "model_key", "print_workbench", "save_pr_curves",
-    "winning_prompts", "write_outputs", "parse_models",
+    "CandidateResult", "TeacherComparison", "evaluate_prompts", "image_hash", "model_key", "print_teachers",
+    "print_workbench", "save_pr_curves", "winning_prompts", "write_outputs", "parse_models",
 ]

@@ -151,8 +151,9 @@ def write_model_card(directory: Path, report: dict) -> Path:
         f"| student | {_cell(student['map'])} | {_cell(student['map50'])} | {student['images']} |",
     ]
     if teacher:
-        lines.append(f"| teacher ({teacher.get('model_version') or 'stored predictions'}) | {_cell(teacher['map'])} | "
-                     f"{_cell(teacher['map50'])} | {teacher['images']} |")
+        name = (f"teacher `{teacher['model_id']}` ({teacher.get('model_version')}, run now)" if teacher.get("model_id")
+                else f"teacher ({teacher.get('model_version') or 'stored predictions'})")
+        lines.append(f"| {name} | {_cell(teacher['map'])} | {_cell(teacher['map50'])} | {teacher['images']} |")
     else:
         lines.append("| teacher | n/a | n/a | no stored teacher predictions on the validation images |")
     training = report["training"]

@@ -312,6 +312,9 @@ def print_distill(report: dict, console=None) -> None:
                   f"({training.get('threads')} threads)")
     if not teacher:
         console.print("teacher: no stored predictions on the validation images, so no comparison")
+    elif teacher.get("model_id"):
+        console.print(f"teacher: {teacher['model_id']} (model version {teacher['model_version']}), run on the "
+                      f"held-out images" + (f"; it failed on {teacher['failed_images']}" if teacher["failed_images"] else ""))
     for row in report.get("speed", []):
         if row["batch"] == 1:
             console.print(f"speed: {row['runtime']} {row['device']} {1000 * row['s_per_image']:.1f} ms/image")

@@ -353,8 +353,9 @@ def run_annotate(folder: Path | None, project: int | None, out: Path | None, ove
     given = {k: v for k, v in overrides.items() if v is not None}
     if project is not None:
         client = label_studio_client(Settings(**given))
-        if not parse_config(open_project(client, project).label_config).needs_masks:
-            given["segmenter"] = ""  # boxes only: SAM is not loaded
+        needs_masks = parse_config(open_project(client, project).label_config).needs_masks
+        if not needs_masks or Engine.from_settings(Settings(**given), load=False).detector_masks:
+            given["segmenter"] = ""  # boxes only, or masks from the detector itself (SAM 3): SAM is not loaded
     else:
         if out is None:
             raise ConfigError("folder mode needs --out DIR")

@@ -116,18 +116,53 @@ def run_review(records: list[LabeledImage], name: str, cache_dir: Path, loader: 
     return report
 
 
-def review_embedder(settings: Settings, model: str | None = None):
-    """What embeds images and objects: the CLIP/SigLIP `model` when given, else the image encoder of the settings'
-    SAM, else the backbone of its detector."""
-    from ..models import build_detector, build_segmenter, pick_device
-    from .embeddings import ClipEmbedder, make_embedder
+def review_embedder(settings: Settings, model: str | None = None, engine=None):
+    """What embeds images and objects: `model` when given (any registered image encoder: CLIP/SigLIP, SAM, SAM 3),
+    else the engine's own encoder (`make_embedder`: SAM 3 when it is the detector, else the segmenter's SAM, else the
+    detector's backbone), the models as the engine picks them (flags, then the prompts file). `engine`: models
+    already loaded, used as they are (SAM 3 is never loaded twice)."""
+    from ..engine import model_refs
+    from ..models import ImageEncoder, UnloadedModel, build_detector, build_segmenter, model_id, pick_device
+    from ..ontology import PromptsFile
+    from .embeddings import ClipEmbedder, Embedder, make_embedder
 
-    device = pick_device(settings.device)
+    loaded = [m for m in (engine.detector, engine.segmenter) if m is not None and not isinstance(m, UnloadedModel)
+              ] if engine is not None else []
     if model:
-        return ClipEmbedder(model, settings.model_dir, device)
-    if settings.segmenter:
-        return make_embedder(segmenter=build_segmenter(settings.segmenter, settings.model_dir, device))
-    return make_embedder(detector=build_detector(settings.detector, settings.model_dir, device))
+        wanted = model_id(model, settings.model_dir)
+        same = next((m for m in loaded if m.model_id == wanted and isinstance(m, ImageEncoder)), None)
+        if same is not None:
+            return Embedder(same)
+        return ClipEmbedder(model, settings.model_dir, pick_device(settings.device))
+    if engine is not None:
+        return make_embedder(segmenter=engine.segmenter, detector=engine.detector)
+    detector, segmenter = model_refs(settings, PromptsFile.load(settings.prompts))
+    device = pick_device(settings.device)
+    options = dict(precision=settings.precision)
+    if detector and (not segmenter or segmenter == detector or _segments(detector, settings.model_dir)):
+        # SAM 3 (the teacher's own encoder, one load whether or not it is the segmenter too), or no SAM at all
+        return make_embedder(detector=build_detector(detector, settings.model_dir, device, **options))
+    if segmenter:
+        return make_embedder(segmenter=build_segmenter(segmenter, settings.model_dir, device, **options))
+    return make_embedder()  # no model at all: the error says what to give
+
+
+def _segments(detector: str, model_dir: Path) -> bool:
+    """Does `detector` make its own masks (SAM 3)? Asked of its files only where they are here already: nothing is
+    downloaded for the question (a model not here is built by the role that needs it)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from ..models import model_kind
+    from ..models.registry import DETECTOR
+
+    local = (Path(detector).expanduser(), model_dir / detector, model_dir / detector.rstrip("/").split("/")[-1])
+    if not any(p.exists() for p in local):
+        try:
+            if not isinstance(try_to_load_from_cache(detector, "config.json"), str):
+                return False
+        except ValueError:  # not a hub id (e.g. student:DIR): no masks of its own
+            return False
+    return bool(getattr(model_kind(detector, model_dir, DETECTOR), "gives_masks", False))
 
 
 def review_folder(records: list[LabeledImage], name: str, out: Path, loader: ImageSource | None = None,

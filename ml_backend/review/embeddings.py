@@ -1,6 +1,6 @@
-"""Embeddings for review from a model's image encoder (`models.ImageEncoder`): by default the engine's own (SAM's
-cached image embedding, else the detector's backbone), so nothing is downloaded; or, when configured, a CLIP/SigLIP
-model on the image and on each object's crop. Then FiftyOne Brain's visualization (UMAP), uniqueness and near
+"""Embeddings for review from a model's image encoder (`models.ImageEncoder`): by default the engine's own (SAM 3's
+when it is the detector, else SAM's cached image embedding, else the detector's backbone), so nothing is downloaded;
+or, when configured, another image encoder (a CLIP/SigLIP model on the image and on each object's crop, SAM, SAM 3). Then FiftyOne Brain's visualization (UMAP), uniqueness and near
 duplicates, always with `embeddings=` given."""
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class Embedder:
 
 
 class EncoderEmbedder(Embedder):
-    """The segmenter's image encoder (HF SAM: its image-embedding cache is reused)."""
+    """The segmenter's image encoder (HF SAM, or SAM 3: its cache of image features is reused)."""
 
     def __init__(self, segmenter):
         if not isinstance(segmenter, ImageEncoder):
@@ -48,15 +48,19 @@ class BackboneEmbedder(Embedder):
 
 
 class ClipEmbedder(Embedder):
-    """A configured CLIP or SigLIP model (hub id or local directory, e.g. openai/clip-vit-base-patch32 or
-    google/siglip-base-patch16-224): the whole image, and each object's crop, through its image tower."""
+    """A configured image encoder (hub id or local directory): CLIP or SigLIP (e.g. openai/clip-vit-base-patch32 or
+    google/siglip-base-patch16-224: the whole image, and each object's crop, through its image tower), or any other
+    registered one (SAM, SAM 3: features pooled over each object's box)."""
 
     def __init__(self, ref: str, model_dir, device: torch.device):
         super().__init__(build_embedder(ref, model_dir, device))
 
 
 def make_embedder(segmenter=None, detector=None) -> Embedder:
-    """SAM's image encoder when the engine has one (HF SAM), else the detector's."""
+    """A detector that segments too (SAM 3: the teacher's own encoder), else SAM's image encoder when the engine has
+    one (HF SAM), else the detector's."""
+    if getattr(detector, "gives_masks", False) and isinstance(detector, ImageEncoder):
+        return EncoderEmbedder(detector)
     if isinstance(segmenter, ImageEncoder):
         return EncoderEmbedder(segmenter)
     if detector is not None:
