@@ -285,6 +285,9 @@ def test_find_all_like_this_and_exclude_through_label_studio(label_studio, proje
         data = interactive(label_studio, ml, task, regions)["data"]
         assert interface.validate_prediction(data, return_errors=True) == []
         check_answer(data, expected(sam3_engine, positives, negatives), positives)
+    # the Exclude box deleted, the last of its kind: Label Studio sends no region, and nothing comes back
+    assert interactive(label_studio, ml, task, [])["data"]["result"] == []
+    assert server.app.state.backend.exemplars.get((created.id, task, "image")).negatives.shape == (0, 4)
     # an Exclude box on an image with no object box yet: Label Studio hands on our 400 as an error
     answer = interactive(label_studio, ml, other, [box(excluded, EXCLUDE, 300, 240)])
     assert "data" not in answer and "400" in answer["errors"][0]
@@ -294,7 +297,7 @@ def test_find_all_like_this_and_exclude_through_label_studio(label_studio, proje
         assert "data" not in answer and "400" in answer["errors"][0]
     # a click, with SAM 3 and no segmenter: SAM 3's tracker masks it
     click = {"type": "keypointlabels", "from_name": "kp", "to_name": "image", "original_width": WIDTH,
-             "original_height": HEIGHT, "is_positive": True, "value": {"x": 30, "y": 40, "keypointlabels": ["Car"]}}
+             "original_height": HEIGHT, "is_positive": True, "value": {"x": 50, "y": 50, "keypointlabels": ["Car"]}}
     data = interactive(label_studio, ml, task, [click])["data"]
     (mask,) = data["result"]
     assert mask["type"] == "brushlabels" and mask["value"]["brushlabels"] == ["Car"]
