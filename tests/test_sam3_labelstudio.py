@@ -169,7 +169,7 @@ def test_bad_exemplar_boxes_are_named_and_the_server_keeps_serving(server):
 
 def test_batch_predictions_fill_every_control_but_never_the_exclude_label(server):
     setup = httpx.post(f"{server.url}/setup", json={"project": "4.1", "schema": CONFIG}).json()
-    assert setup["model_version"].startswith("sam3+nosam-") and setup["skipped"] == []
+    assert setup["model_version"].startswith("sam3") and setup["skipped"] == []
     health = httpx.get(f"{server.url}/health").json()
     assert health["find_all_like_this"] is True and health["detector"].endswith("sam3")
     assert health["clicks"] == health["detector"] and health["segmenter"] is None
@@ -256,7 +256,7 @@ def test_sam3_predictions_stored_in_label_studio_are_valid(label_studio, project
     for task_id, name in tasks.items():
         width, height = Image.open(image_dir / name).size
         (prediction,) = ls.predictions.list(task=task_id)
-        assert prediction.model_version.startswith("sam3+nosam-")
+        assert prediction.model_version.startswith("sam3")
         assert interface.validate_prediction({"result": prediction.result}, return_errors=True) == []
         assert {r["type"] for r in prediction.result} == {"rectanglelabels", "brushlabels", "polygonlabels"}
         for region in prediction.result:
