@@ -22,7 +22,7 @@ from ..media import MediaItem
 from ..runner import Report, chunks, listed_after_the_run, run_batches
 from ..settings import Settings
 from .config import parse_config
-from .stack import label_config
+from .stack import engine_label_config
 
 RUN_LOGGERS = ("ml_backend.engine", "ml_backend.labelstudio.backend")  # what names a failed image as it happens
 
@@ -271,7 +271,7 @@ def annotate_folder(
         raise ConfigError(f"{folder} is not strictly below LOCAL_FILES_DOCUMENT_ROOT {root} (as Label Studio requires)")
     out = folder_output(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    xml = label_config(backend.engine.ontology(), masks=backend.engine.segmenter is not None)
+    xml = engine_label_config(backend.engine)
     out.label_config.write_text(xml + "\n")
     config = parse_config(xml)
     ontology = backend.ontology_for(config)

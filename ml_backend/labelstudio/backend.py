@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -20,7 +21,7 @@ from ..metrics import Metrics
 from ..ontology import Classification, LabelSpec, Ontology, normalize_prompt
 from ..engine import ClassifyRequest, Engine, RequestSpec
 from ..types import make_detections
-from .config import ProjectConfig, Selection, parse_config
+from .config import EXCLUDE, MASK_TYPES, Control, ProjectConfig, Selection, is_exclude, parse_config
 from .convert import (
     choices_result,
     detections_to_results,
@@ -31,6 +32,8 @@ from .store import EventStore
 
 log = logging.getLogger(__name__)
 
+EXEMPLAR_MEMORY = 256  # task images whose smart rectangles are remembered (least recently used go first)
+DUPLICATE_IOU = 0.7  # a found box this close to a drawn exemplar is that exemplar: it gets no second rectangle
 TRAIN_EVENTS = {"ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATION_DELETED", "ANNOTATIONS_DELETED", "START_TRAINING"}
 
 
@@ -75,9 +78,14 @@ def project_id(project: str | int | dict | None) -> int | None:
 
 
 def is_interactive(req: PredictRequest) -> bool:
-    """Smart tools send their regions as `params.context.result`; batch predictions send none."""
+    """Smart tools send their regions as `params.context.result` (an empty list when the last of them was
+    deleted); batch predictions send no context."""
     context = (req.params or {}).get("context")
-    return isinstance(context, dict) and bool(context.get("result"))
+    return isinstance(context, dict) and isinstance(context.get("result"), list)
+
+
+def context_regions(context: dict) -> list[dict]:
+    return [r for r in context.get("result", []) if isinstance(r, dict)]
 
 
 def task_error(task_id, exc: PrelabelError) -> dict:
@@ -94,6 +102,54 @@ class PreparedPredict:
     ontology: Ontology
     version: str
     context: dict | None
+    project: int | None = None
+
+
+def _no_boxes() -> np.ndarray:
+    return np.zeros((0, 4), np.float32)
+
+
+@dataclass
+class Exemplars:
+    """A task image's smart rectangles as last sent: the positive boxes (xyxy pixels) of `label`, and the Exclude
+    boxes, negative exemplars for every later query on the image."""
+
+    label: str | None = None
+    positives: np.ndarray = field(default_factory=_no_boxes)
+    negatives: np.ndarray = field(default_factory=_no_boxes)
+
+
+class ExemplarMemory:
+    """`Exemplars` by (project, task id, image name), for the `size` task images used last."""
+
+    def __init__(self, size: int = EXEMPLAR_MEMORY):
+        self.size = size
+        self._items: OrderedDict[tuple, Exemplars] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> Exemplars:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return replace(self._items[key])
+        return Exemplars()
+
+    def put(self, key: tuple, exemplars: Exemplars) -> None:
+        with self._lock:
+            self._items[key] = exemplars
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def forget_negatives(self, project: int | None, task: int | None) -> None:
+        """The task's Exclude boxes are gone (Label Studio sent no smart region: it says no more than that)."""
+        with self._lock:
+            for key, exemplars in self._items.items():
+                if key[:2] == (project, task):
+                    exemplars.negatives = _no_boxes()
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @dataclass
@@ -116,6 +172,7 @@ class LabelStudioBackend:
         self.versions: dict[int | None, str] = {}
         self.skipped: dict[int, list[dict]] = {}  # per project: the controls it does not fill, and why (/health)
         self._noted: set[tuple] = set()  # (project, config) whose skipped controls the log has told
+        self.exemplars = ExemplarMemory()  # "find all like this" (SAM 3): the smart rectangles of each task image
         self._lock = threading.Lock()
 
     @classmethod
@@ -201,12 +258,12 @@ class LabelStudioBackend:
         version = self.version_for(filled, ontology)
         context = req.params["context"] if is_interactive(req) else None
         if context is None:
-            return PreparedPredict(req.tasks, filled, ontology, version, None)
+            return PreparedPredict(req.tasks, filled, ontology, version, None, pid)
         if len(req.tasks) != 1:
             raise RequestError(f"interactive annotation takes exactly one task, got {len(req.tasks)}")
         # a click or a text prompt asks for itself: every region control of the config may take its answer
         return PreparedPredict(req.tasks, config, config.ontology(self.engine.prompts, self.settings.max_detections),
-                               version, context)
+                               version, context, pid)
 
     def predict(self, req: PredictRequest) -> dict:
         p = self.prepare(req)
@@ -215,12 +272,20 @@ class LabelStudioBackend:
         return {"results": self.predict_tasks(p.tasks, p.config, p.ontology, p.version)}
 
     def interactive_task(self, p: PreparedPredict, image: MediaItem | None = None) -> dict:
-        """The one interactive result; errors name the task, as batch errors do."""
+        """The one interactive result; errors name the task, as batch errors do. No smart region left (the last
+        one was deleted): an empty result, and the task's Exclude boxes are forgotten."""
         with self._named(p.tasks[0]):
-            return self.interactive(p.tasks[0], p.config, p.ontology, p.context, p.version, image)
+            if not context_regions(p.context):
+                tid, _ = self._task_fields(p.tasks[0])
+                self.exemplars.forget_negatives(p.project, tid)
+                return {"result": [], "score": 0.0, "model_version": p.version}
+            return self.interactive(p.tasks[0], p.config, p.ontology, p.context, p.version, image, p.project)
 
-    def interactive_image(self, p: PreparedPredict) -> MediaItem:
-        """Fetches the interactive task's image (so that a model worker need not wait on the network)."""
+    def interactive_image(self, p: PreparedPredict) -> MediaItem | None:
+        """Fetches the interactive task's image (so that a model worker need not wait on the network); None when
+        the context holds no region."""
+        if not context_regions(p.context):
+            return None
         with self._named(p.tasks[0]):
             tid, data, key = self._interactive_source(p.tasks[0], p.config, p.context)
             return self.loader.load(data[key], tid)
@@ -337,7 +402,7 @@ class LabelStudioBackend:
     # -- interactive --------------------------------------------------------------------------------------------
     def _interactive_source(self, task: Any, config: ProjectConfig, context: dict) -> tuple[int | None, dict, str]:
         """(task id, task data, data key of the image the context's regions point at)."""
-        regions = [r for r in context.get("result", []) if isinstance(r, dict)]
+        regions = context_regions(context)
         if not regions:
             raise RequestError("interactive context holds no regions")
         if not config.controls:
@@ -350,16 +415,82 @@ class LabelStudioBackend:
         return tid, data, key
 
     def interactive(
-        self, task: Any, config: ProjectConfig, ontology: Ontology, context: dict, version: str, image: MediaItem | None = None
+        self, task: Any, config: ProjectConfig, ontology: Ontology, context: dict, version: str,
+        image: MediaItem | None = None, project: int | None = None,
     ) -> dict:
-        regions = [r for r in context.get("result", []) if isinstance(r, dict)]
+        """A TextArea prompt runs the detector; smart rectangles with SAM 3 as the detector find every object
+        like them; clicks, and smart rectangles otherwise, give one mask."""
+        regions = context_regions(context)
         tid, data, key = self._interactive_source(task, config, context)
         texts = [r for r in regions if r.get("type") == "textarea"]
         to_name = next((r["to_name"] for r in regions if r.get("to_name")), config.controls[0].to_name)
         image = image or self.loader.load(data[key], tid)
         if texts:
             return self._text_prompt(image, texts[0], config, ontology, key, version)
+        if self.engine.finds_exemplars and all(r.get("type") == "rectanglelabels" for r in regions):
+            return self._find_like(image, regions, config, ontology, to_name, version, (project, tid, to_name))
         return self._click(image, regions, config, to_name, version)
+
+    def _find_like(self, image: MediaItem, regions: list[dict], config: ProjectConfig, ontology: Ontology,
+                   to_name: str, version: str, key: tuple) -> dict:
+        """Find all like this (SAM 3 exemplars): every object in the image like the smart rectangles of one label
+        (Label Studio sends all of that label's) and unlike the Exclude boxes, as rectangles of the drawn boxes'
+        control (less those that repeat a drawn box) and masks of the image's brush and polygon controls that have
+        the label. Exclude boxes alone re-run the last query on the image with them as negatives; the Exclude boxes
+        stay remembered for later queries on the image."""
+        w, h = image.width, image.height
+        positives, negatives, label = [], [], None
+        control = self._rectangle_control(config, to_name, regions[0].get("from_name"))
+        for r in regions:
+            value = r.get("value") or {}
+            try:
+                box = percent_to_box(value, w, h)
+            except (KeyError, TypeError, ValueError):
+                raise RequestError(f"smart rectangle has no usable x/y/width/height: {value}") from None
+            name = (value.get("rectanglelabels") or [None])[0]
+            if is_exclude(name):
+                negatives.append(box)
+                continue
+            if positives and name != label:
+                raise RequestError(f"smart rectangles of several labels in one request ({label!r}, {name!r}): "
+                                   f"each label is found on its own")
+            positives.append(box)
+            label = name
+        remembered = self.exemplars.get(key)
+        if positives:
+            label = label or (control.labels[0] if len(control.labels) == 1 else None)
+            if label not in control.labels:
+                raise RequestError(f"label {label!r} is not a label of <RectangleLabels name={control.from_name!r}>: "
+                                   f"{[n for n in control.labels if not is_exclude(n)]}")
+            remembered = Exemplars(label, np.array(positives), remembered.negatives)
+        elif remembered.label is None:
+            raise RequestError(f"an {EXCLUDE} box marks what not to find among the objects like a box you drew: "
+                               f"first draw a smart rectangle with an object's label on one object of this image")
+        if negatives:
+            remembered = replace(remembered, negatives=np.array(negatives))
+        masks = [c for c in config.controls if c.type in MASK_TYPES and c.to_name == to_name and remembered.label in c.labels]
+        boxes = np.concatenate([remembered.positives, remembered.negatives])
+        box_labels = np.array([1] * len(remembered.positives) + [0] * len(remembered.negatives))
+        try:
+            found = self.engine.find_like(image.array, boxes, box_labels, remembered.label, ontology, masks=bool(masks))
+        except RequestError as exc:
+            raise RequestError(f"finding every {remembered.label!r} like the smart rectangles: {exc}") from None
+        self.exemplars.put(key, remembered)
+        new = np.ones(len(found), bool)  # found boxes that are not a drawn box again
+        if len(found):
+            new = sv.box_iou_batch(found.xyxy, remembered.positives).max(axis=1) < DUPLICATE_IOU
+        result = detections_to_results(found[new], [control], w, h) + detections_to_results(found, masks, w, h)
+        self.metrics.count("exemplar_queries")
+        score = float(found.confidence.max()) if len(found) else 0.0
+        return {"result": result, "score": round(score, 6), "model_version": version}
+
+    @staticmethod
+    def _rectangle_control(config: ProjectConfig, to_name: str, from_name: str | None) -> Control:
+        """The RectangleLabels control the smart rectangles were drawn with (by name, else the image's first)."""
+        boxes = [c for c in config.controls if c.type == "rectanglelabels" and c.to_name == to_name]
+        if not boxes:
+            raise ConfigError(f"smart rectangles need a RectangleLabels control on <Image name={to_name!r}>")
+        return next((c for c in boxes if c.from_name == from_name), boxes[0])
 
     def _click(self, image: MediaItem, regions: list[dict], config: ProjectConfig, to_name: str, version: str) -> dict:
         control = config.mask_control(to_name)
@@ -382,6 +513,9 @@ class LabelStudioBackend:
                 raise RequestError(f"context region of type {kind!r} has no usable x/y/width/height: {value}") from None
         if not points and box is None:
             raise RequestError("context has no keypoint, rectangle or text region to prompt with")
+        if is_exclude(label):
+            raise ConfigError(f"{EXCLUDE} boxes mark what not to find when finding every object like a box, which "
+                              f"needs SAM 3 as the detector (this server runs {self.engine.base_version})")
         label = label or (control.labels[0] if len(control.labels) == 1 else None)
         if label not in control.labels:
             raise RequestError(f"label {label!r} is not a label of <{control.type} name={control.from_name!r}>: {list(control.labels)}")

@@ -15,10 +15,17 @@ log = logging.getLogger(__name__)
 
 OUTPUT_TAGS = {"RectangleLabels": "rectanglelabels", "BrushLabels": "brushlabels", "PolygonLabels": "polygonlabels"}
 MASK_TYPES = {"brushlabels", "polygonlabels"}
+# A RectangleLabels label of this name (any case) marks negative exemplars ("find all like this, but not like
+# this"); it names nothing to find, so it is never predicted.
+EXCLUDE = "Exclude"
 NEEDS_DETECTOR = "boxes need a detector (--detector / PRELABEL_DETECTOR)"
 NEEDS_SEGMENTER = "masks need a segmenter (set PRELABEL_SEGMENTER, --segmenter or `segmenter:` in the prompts file)"
 NEEDS_CLASSIFIER = ("Choices need a zero-shot classifier (set PRELABEL_CLASSIFIER, --classifier or `classifier:` in "
                     "the prompts file to a CLIP/SigLIP model)")
+
+
+def is_exclude(label: str | None) -> bool:
+    return isinstance(label, str) and label.casefold() == EXCLUDE.casefold()
 
 
 @dataclass(frozen=True)
@@ -213,6 +220,8 @@ def parse_config(config: str) -> ProjectConfig:
         for to_name, data_key in _images(interface, tag):
             controls.append(Control(OUTPUT_TAGS[tag.tag], tag.name, to_name, data_key, tuple(tag.labels)))
         for name, label_tag in (tag.labels_attrs or {}).items():
+            if is_exclude(name):
+                continue
             labels.append(name)
             values = label_tag.attr.get("predicted_values")
             if values:

@@ -315,7 +315,8 @@ def create_app(engine: Engine, loader: LabelStudioImageSource | None = None, sto
 
     app = FastAPI(
         title="prelabel ML backend",
-        description="Grounding DINO boxes and SAM masks for Label Studio (ML-backend protocol).",
+        description="Open-vocabulary boxes and masks (Grounding DINO, OWLv2, SAM, SAM 3) for Label Studio "
+                    "(ML-backend protocol).",
         lifespan=lifespan,
     )
     app.state.backend = backend
@@ -372,6 +373,8 @@ def create_app(engine: Engine, loader: LabelStudioImageSource | None = None, sto
             "detector": engine.detector.model_id,
             "segmenter": engine.segmenter.model_id if engine.segmenter else None,
             "classifier": engine.classifier.model_id if engine.classifier else None,
+            "clicks": engine.clicker.model_id if engine.clicker else None,  # what masks a click
+            "find_all_like_this": engine.finds_exemplars,  # smart rectangles find every object like them (SAM 3)
             # per project: the controls of its label config that are not pre-annotated, and why
             "skipped": {str(pid): controls for pid, controls in backend.skipped.copy().items() if controls},
         }
@@ -381,8 +384,8 @@ def create_app(engine: Engine, loader: LabelStudioImageSource | None = None, sto
         """JSON by default; `?format=prometheus` for Prometheus' text format."""
         snapshot = metrics.snapshot()
         snapshot["queue"] = {"admitted": dict(admitted), "capacity": settings.queue_size, "waiting": worker.depth()}
-        if engine.segmenter is not None:
-            cache = engine.segmenter.cache_info()
+        if engine.clicker is not None:
+            cache = engine.clicker.cache_info()
             lookups = cache.get("hits", 0) + cache.get("misses", 0)
             snapshot["embedding_cache"] = cache | {"hit_rate": round(cache.get("hits", 0) / lookups, 4) if lookups else 0.0}
         snapshot["webhook_events"] = store.counts()

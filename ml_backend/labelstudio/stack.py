@@ -13,7 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 from xml.sax.saxutils import quoteattr
 
 import httpx
@@ -22,6 +22,10 @@ from pydantic import SecretStr
 from ..errors import PrelabelError
 from ..ontology import Ontology
 from .access import STACK_FILE, RunningStack
+from .config import EXCLUDE, is_exclude
+
+if TYPE_CHECKING:
+    from ..engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +36,39 @@ class StackError(PrelabelError):
     kind = "stack"
 
 
-def label_config(ontology: Ontology, masks: bool = True) -> str:
+def label_config(ontology: Ontology, masks: bool = True, clicks: bool | None = None, exemplars: bool = False) -> str:
     """One row of every label per tool, under a header naming the tool (Label Studio shows the rows unnamed):
-    rectangles, and with a segmenter brush masks, smart keypoints and smart rectangles (SAM masks what they mark)."""
+    rectangles; with `masks` brush masks; with `clicks` (default: `masks`) smart keypoints and smart rectangles
+    (SAM masks what they mark); with `exemplars` (SAM 3) smart rectangles that find every object like the box,
+    with an Exclude label for what not to find."""
+    clicks = masks if clicks is None else clicks
     labels = "".join(f"<Label value={quoteattr(name)}/>" for name in ontology.names)
-    rows = [("box", "RectangleLabels", "Boxes: drag a rectangle"
-             + (" (smart rectangle: SAM masks what it covers)" if masks else ""))]
+    box_labels = labels
+    if exemplars and not any(is_exclude(name) for name in ontology.names):
+        box_labels += f'<Label value="{EXCLUDE}" background="#808080"/>'
+    if exemplars:
+        box_header = (f"Boxes: drag a rectangle (Auto-Annotation on: a box on one object finds all like it; an "
+                      f"{EXCLUDE} box on a look-alike leaves those out)")
+    else:
+        box_header = "Boxes: drag a rectangle" + (" (smart rectangle: SAM masks what it covers)" if clicks else "")
+    rows = [("box", "RectangleLabels", box_header, box_labels, clicks or exemplars)]
     if masks:
-        rows += [("mask", "BrushLabels", "Masks: paint with the brush"),
-                 ("point", "KeyPointLabels", "Smart points: click an object and SAM masks it")]
+        rows.append(("mask", "BrushLabels", "Masks: paint with the brush", labels, False))
+    if clicks:
+        rows.append(("point", "KeyPointLabels", "Smart points: click an object and SAM masks it", labels, True))
     parts = ['<View>', '  <Image name="image" value="$image" zoom="true"/>']
-    smart = ' smart="true"' if masks else ""
-    for name, tag, header in rows:
+    for name, tag, header, row_labels, smart in rows:
+        attrs = ' smart="true"' if smart else ""
         parts += [f'  <Header value={quoteattr(header)} size="6"/>',
-                  f'  <{tag} name="{name}" toName="image"{smart if tag != "BrushLabels" else ""}>{labels}</{tag}>']
+                  f'  <{tag} name="{name}" toName="image"{attrs}>{row_labels}</{tag}>']
     return "\n".join(parts + ["</View>"])
+
+
+def engine_label_config(engine: Engine) -> str:
+    """The label config for what `engine` can do: masks from a segmenter or SAM 3, clicks from whichever masks
+    them, "find all like this" with SAM 3 as the detector."""
+    return label_config(engine.ontology(), masks=engine.gives_masks, clicks=engine.clicker is not None,
+                        exemplars=engine.finds_exemplars)
 
 
 @dataclass
@@ -243,7 +265,7 @@ def run_up(images: Path, data_dir: Path | None, port: int, backend_port: int, ov
         stack = RunningStack(studio.url, creds.token, os.getpid(), settings.model_dir.resolve() / STACK_FILE)
         stack.write()
         client = LabelStudio(base_url=studio.url, api_key=creds.token)
-        config = label_config(engine.ontology(), masks=engine.segmenter is not None)
+        config = engine_label_config(engine)
         project_id, _ = ensure_project(client, f"prelabel: {images.name}", config, images, backend.url)
         ensure_default_tab(client, project_id)
         report = annotate_project(client, project_id, backend.server.config.app.state.backend, settings.batch_size)
