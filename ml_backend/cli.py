@@ -458,8 +458,10 @@ def fetch(
         settings = _settings(prompts=prompts, detector=_segmenter_flag(detector), segmenter=_segmenter_flag(segmenter),
                              classifier=_segmenter_flag(classifier))
         prompts_file = PromptsFile.load(settings.prompts)
-        refs = dict(zip(("detector", "segmenter"), model_refs(settings, prompts_file)))
-        refs["classifier"] = classifier_ref(settings, prompts_file)
+        detector = model_refs(settings, prompts_file)[0]
+        if detector:  # first: whether a default segmenter is wanted depends on what the detector is (SAM 3: none)
+            typer.echo(f"detector: {detector} -> {resolve_model(detector, settings.model_dir)}")
+        refs = {"segmenter": model_refs(settings, prompts_file)[1], "classifier": classifier_ref(settings, prompts_file)}
         for kind, ref in refs.items():
             if ref:
                 typer.echo(f"{kind}: {ref} -> {resolve_model(ref, settings.model_dir)}")

@@ -105,10 +105,15 @@ def _short(ref: str) -> str:
 
 def model_refs(settings: Settings, prompts: PromptsFile) -> tuple[str, str | None]:
     """(detector, segmenter or None): flags/env first, then the prompts file's `detector`/`segmenter` (`segmenter: ""`
-    there: none), then defaults."""
+    there: none), then defaults. The default segmenter (SAM) is not used beside a detector known (from files here) to
+    make its own masks and take clicks (SAM 3): it would never run."""
     fields = settings.model_fields_set
     detector = settings.detector if "detector" in fields or not prompts.detector else prompts.detector
-    segmenter = settings.segmenter if "segmenter" in fields or prompts.segmenter is None else prompts.segmenter
+    if "segmenter" in fields or prompts.segmenter is not None:
+        segmenter = settings.segmenter if "segmenter" in fields else prompts.segmenter
+    else:
+        kind = model_kind(detector, settings.model_dir, DETECTOR) if detector else None
+        segmenter = None if getattr(kind, "gives_masks", False) else settings.segmenter
     return detector, segmenter or None
 
 

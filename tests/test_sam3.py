@@ -265,3 +265,14 @@ def test_sam3_from_the_hub_fails_fast_offline_in_one_line(tmp_path, monkeypatch)
     with pytest.raises(ModelUnavailableError) as error:
         Engine.from_settings(Settings(detector="facebook/sam3", segmenter="", model_dir=tmp_path))
     assert "facebook/sam3" in str(error.value) and "HF_HUB_OFFLINE" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_default_sam_is_not_loaded_beside_sam3(sam3, tmp_path):
+    from ml_backend.engine import model_refs
+
+    empty = PromptsFile()
+    assert model_refs(Settings(detector=sam3.model_id, model_dir=tmp_path), empty) == (sam3.model_id, None)
+    chosen = Settings(detector=sam3.model_id, segmenter="facebook/sam-vit-base", model_dir=tmp_path)
+    assert model_refs(chosen, empty)[1] == "facebook/sam-vit-base"  # asked for: clicks go to that SAM
+    # a hub id not downloaded yet is not looked up online: the default stands until the detector is here
+    assert model_refs(Settings(detector="facebook/sam3", model_dir=tmp_path), empty)[1] == Settings().segmenter

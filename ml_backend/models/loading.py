@@ -96,9 +96,9 @@ def _unavailable(ref: str, model_dir: Path, why: str) -> ModelUnavailableError:
     )
 
 
-def resolve_model(ref: str, model_dir: Path) -> Path:
+def resolve_model(ref: str, model_dir: Path, local_only: bool = False) -> Path:
     """Return a local path (directory, or a checkpoint file) holding the model `ref`; a prefixed ref such as
-    `student:DIR` (a distilled student) is DIR as given, else below MODEL_DIR."""
+    `student:DIR` (a distilled student) is DIR as given, else below MODEL_DIR. `local_only`: never download."""
     prefix = next((p for p in LOCAL_PREFIXES if ref.startswith(p)), None)
     if prefix is not None:
         directory = Path(ref[len(prefix):]).expanduser()
@@ -124,6 +124,8 @@ def resolve_model(ref: str, model_dir: Path) -> Path:
         return Path(snapshot_download(ref, local_files_only=True))
     except (LocalEntryNotFoundError, OSError, ValueError):
         pass
+    if local_only:
+        raise _unavailable(ref, model_dir, "it was not to be downloaded now")
     if hub_offline():
         raise _unavailable(ref, model_dir, "HF_HUB_OFFLINE is set")
     if not hub_reachable():

@@ -133,12 +133,12 @@ def model_type(path: Path) -> str:
         raise ModelUnavailableError(f"{path} has no readable config.json with a model_type") from None
 
 
-def find(ref: str, model_dir: Path, role: str) -> tuple[Family, Path]:
-    """The family that loads `ref` as a `role`, and the local path of its files."""
+def find(ref: str, model_dir: Path, role: str, local_only: bool = False) -> tuple[Family, Path]:
+    """The family that loads `ref` as a `role`, and the local path of its files (`local_only`: never download)."""
     if role not in ROLES:
         raise ValueError(f"role {role!r} is not one of {ROLES}")
     prefixed = [f for f in families() if f.prefix and ref.startswith(f.prefix)]
-    path = resolve_model(ref, model_dir)
+    path = resolve_model(ref, model_dir, local_only)
     if prefixed:
         family, kind = prefixed[0], f"{prefixed[0].prefix}DIR"
     elif path.is_file():
@@ -179,10 +179,10 @@ def model_id(ref: str, model_dir: Path) -> str:
 
 
 def model_kind(ref: str, model_dir: Path, role: str) -> Any | None:
-    """The builder (for most families, the model's class) that `ref` would be built with, without loading it;
-    None where the model's files are not here."""
+    """The builder (for most families, the model's class) that `ref` would be built with, without loading or
+    downloading it; None where the model's files are not here."""
     try:
-        return find(ref, model_dir, role)[0].build
+        return find(ref, model_dir, role, local_only=True)[0].build
     except ModelUnavailableError:
         return None
 
