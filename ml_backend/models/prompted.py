@@ -8,6 +8,8 @@ Boxes of one label from any of its synonyms are then merged by class-aware NMS, 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import supervision as sv
 import torch
@@ -54,17 +56,11 @@ def label_scores(scores: torch.Tensor, labels: torch.Tensor, num_labels: int) ->
     return out.scatter_reduce_(1, labels.expand(len(scores), -1), scores, reduce="amax")
 
 
-def passing(scores: torch.Tensor, labels: torch.Tensor, ontology: Ontology) -> torch.Tensor:
-    """(Q,) which boxes reach their best label's threshold (before a detector's own prompt test)."""
-    best, best_label = label_scores(scores, labels, len(ontology.labels)).max(-1)
-    return best >= torch.tensor([s.threshold for s in ontology.labels])[best_label]
-
-
 def score_boxes(scores: torch.Tensor, labels: torch.Tensor, prompts: list[str], ontology: Ontology,
-                xyxy: torch.Tensor, prompt_ok: torch.Tensor | None = None, masks: torch.Tensor | None = None) -> dict:
+                xyxy: torch.Tensor, prompt_ok: torch.Tensor | None = None) -> dict:
     """Boxes (Q, 4) scored against prompts (Q, P) whose labels are `labels` (P,) -> the kept candidates of one image
-    (a part for `merge`). `prompt_ok` (Q, P) is a detector's own test of the chosen prompt (default: none); `masks`
-    (Q, H, W) a detector's own mask per box, kept with it."""
+    (a part for `merge`, with `row`: their indices among the Q). `prompt_ok` (Q, P) is a detector's own test of the
+    chosen prompt (default: none)."""
     per_label = label_scores(scores, labels, len(ontology.labels))
     best, best_label = per_label.max(-1)
     best_prompt = torch.where(labels[None, :] == best_label[:, None], scores, -1.0).argmax(-1)
@@ -86,11 +82,16 @@ def score_boxes(scores: torch.Tensor, labels: torch.Tensor, prompts: list[str], 
         RUNNER_UP: runner_up[keep],
         SYNONYM_SPREAD: spread[keep],
         NEAR_MISSES: (best[near] - thresholds[near]).tolist(),
-    } | ({"mask": masks[keep]} if masks is not None else {})
+        "row": keep.nonzero()[:, 0],
+        "candidates": len(scores),
+    }
 
 
-def merge(parts: list[dict], ontology: Ontology) -> sv.Detections:
-    """One image's parts from `score_boxes` (one per caption or prompt group) -> its Detections."""
+def merge(parts: list[dict], ontology: Ontology, masks: Callable[[torch.Tensor], torch.Tensor] | None = None
+          ) -> sv.Detections:
+    """One image's parts from `score_boxes` (one per caption or prompt group) -> its Detections. `masks`, from a
+    detector that makes its own: called once with the kept boxes' candidate indices (over the parts' candidates in
+    order), it gives their (K, H, W) masks, so that only boxes that survive NMS get a full-size mask."""
     xyxy = torch.cat([p["xyxy"] for p in parts])
     score = torch.cat([p["score"] for p in parts])
     label = torch.cat([p["label"] for p in parts])
@@ -107,6 +108,8 @@ def merge(parts: list[dict], ontology: Ontology) -> sv.Detections:
         **{PROMPT: prompts, RUNNER_UP: runner_up.numpy(), SYNONYM_SPREAD: spread.numpy()},
     )
     detections.metadata[NEAR_MISSES] = near_misses
-    if parts and all("mask" in p for p in parts):
-        detections.mask = torch.cat([p["mask"] for p in parts])[keep].numpy() if len(keep) else None
+    if masks is not None and parts:
+        offsets = np.cumsum([0] + [p["candidates"] for p in parts[:-1]])
+        origin = torch.cat([p["row"] + int(o) for p, o in zip(parts, offsets)])
+        detections.mask = masks(origin[keep]).numpy()
     return detections

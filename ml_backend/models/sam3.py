@@ -33,7 +33,7 @@ from ..errors import ConfigError, RequestError
 from ..ontology import Ontology
 from ..types import NEAR_MISS_BAND, NEAR_MISSES, make_detections
 from .features import FeatureMap, embed_feature_map
-from .prompted import check_prompt_lengths, merge, nothing_to_run, passing, prompt_labels, score_boxes
+from .prompted import check_prompt_lengths, merge, nothing_to_run, prompt_labels, score_boxes
 from .registry import (
     BOX_PROMPTS, BOXES, CLICKS, DETECTOR, EMBEDDER, EMBEDDINGS, MASKS, SEGMENTER, TEXT_PROMPTS, model_type, register,
 )
@@ -73,18 +73,6 @@ def check_exemplars(boxes: np.ndarray, labels: np.ndarray, width: int, height: i
         if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
             raise RequestError(f"exemplar box {[round(v, 2) for v in (x1, y1, x2, y2)]} lies outside the "
                                f"{width}x{height} image")
-
-
-class RowMasks:
-    """Full-size masks made for some candidate rows only (`rows`, ascending), indexed by a boolean selection of
-    candidates as a (candidates, H, W) tensor would be; every selected row must be one of `rows`."""
-
-    def __init__(self, rows: torch.Tensor, masks: torch.Tensor):
-        self.at = {r: i for i, r in enumerate(rows.tolist())}
-        self.masks = masks
-
-    def __getitem__(self, keep: torch.Tensor) -> torch.Tensor:
-        return self.masks[[self.at[r] for r in keep.nonzero()[:, 0].tolist()]]
 
 
 def cross_scores(scores: torch.Tensor, xyxy: torch.Tensor, iou: float = CROSS_IOU) -> torch.Tensor:
@@ -241,15 +229,18 @@ class Sam3:
                 scores = torch.stack([a[0][i] for a in answers])  # (P, Q)
                 xyxy = torch.stack([a[1][i] for a in answers]) * torch.tensor([w, h, w, h], dtype=torch.float32)
                 table = cross_scores(scores, xyxy)
-                flat = xyxy.reshape(-1, 4)
-                extra = {}
-                if masks:  # full-size masks only for the candidates that can be kept
-                    rows = passing(table, labels, ontology).nonzero()[:, 0]
-                    q = scores.shape[1]
-                    made = [self._full_masks(logits[i], rows[(rows >= n * q) & (rows < (n + 1) * q)] - n * q, (h, w))
-                            for n, (_, _, logits) in enumerate(answers)]
-                    extra["masks"] = RowMasks(rows, torch.cat(made))
-                results.append(merge([score_boxes(table, labels, prompts, ontology, flat, **extra)], ontology))
+                q = scores.shape[1]
+
+                def full_masks(rows: torch.Tensor, i=i, hw=(h, w), q=q) -> torch.Tensor:
+                    """Full-size masks of the kept candidates (rows over prompts x queries) only."""
+                    out = torch.zeros((len(rows), *hw), dtype=torch.bool)
+                    for n, (_, _, logits) in enumerate(answers):
+                        mine = (rows // q) == n
+                        out[mine] = self._full_masks(logits[i], rows[mine] % q, hw)
+                    return out
+
+                part = score_boxes(table, labels, prompts, ontology, xyxy.reshape(-1, 4))
+                results.append(merge([part], ontology, full_masks if masks else None))
         return results
 
     # -- exemplars -------------------------------------------------------------------------------------------------
