@@ -6,8 +6,8 @@ and shared by its prompts; text features are computed once per prompt and kept. 
 is SAM 3's (query score x presence score). An instance that another prompt also found (IoU >= 0.7) gets that prompt's
 score too (`cross_scores`), so that from there the rules are Grounding DINO's (`prompted.py`): one object takes its
 best label, a box is kept at its label's threshold, instances of one label from any synonym are merged by NMS, near
-misses, the runner-up label and the synonym spread are recorded (`active.py` reads them). Masks are made at full size only for kept candidates and only when
-asked (a rectangle-only project never pays for them).
+misses, the runner-up label and the synonym spread are recorded (`active.py` reads them). Full-size masks are made
+only for the boxes kept after NMS and only when asked (a rectangle-only project never pays for them).
 
 Exemplars: boxes on objects of one image (1 positive, 0 negative) become a visual query that finds every similar
 instance. Clicks: a `sam3_video` checkpoint (the hub's `facebook/sam3`) also holds SAM 3's tracker, whose prompt
