@@ -74,6 +74,14 @@ def test_label_studio_brush_and_polygons_from_sam3_and_a_too_long_prompt_names_i
                 assert mask.any()
             (boxes,) = http.post(f"{server.url}/predict", json={"tasks": tasks, "label_config": BOXES_ONLY}).json()["results"]
             assert {r["type"] for r in boxes["result"]} == {"rectanglelabels"}
+            # a TextArea prompt: SAM 3 finds that text's instances, boxes and its own masks, as the label named
+            region = {"type": "textarea", "from_name": "prompt", "to_name": "image", "value": {"text": ["Person: a small person"]}}
+            typed = http.post(f"{server.url}/predict", json={"tasks": tasks, "label_config": CONFIG,
+                                                              "params": {"context": {"result": [region]}}})
+            (answer,) = typed.json()["results"]
+            assert typed.status_code == 200 and answer["result"]
+            assert {r["value"][r["type"]][0] for r in answer["result"]} == {"Person"}
+            assert {"rectanglelabels", "brushlabels"} <= {r["type"] for r in answer["result"]}
         long = PromptsFile(labels={"Car": ["car " * 20]}, box_threshold=0.0)
         with pytest.raises(ValueError, match="longer than SAM 3's"):
             sam3.detect([np.array(make_image(30, 20))], long.ontology())
