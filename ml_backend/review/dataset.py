@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +30,15 @@ def configure_fiftyone(database_dir: Path | None = None) -> None:
     os.environ.setdefault("FIFTYONE_DATABASE_VALIDATION", "false")
     if database_dir is not None:
         os.environ["FIFTYONE_DATABASE_DIR"] = str(database_dir)
+        if "fiftyone" in sys.modules:  # already imported (an earlier test module): its config read the old one
+            import fiftyone as fo
+
+            fo.config.database_dir = str(database_dir)
 
 
 def stop_database(timeout: float = 30) -> None:
     """Stop the mongod FiftyOne started for this process (tests and benchmarks whose database directory is
     temporary); a later FiftyOne call starts a new one."""
-    import sys
-
     if "fiftyone" not in sys.modules:
         return
     import fiftyone.core.odm.database as fod
@@ -44,6 +47,11 @@ def stop_database(timeout: float = 30) -> None:
 
     service = fod._db_service
     fod._disconnect()
+    # FiftyOne remembers the port it started mongod on (in the environment, for its subprocesses): forget it, so that
+    # the next call starts a new database instead of dialling the stopped one
+    if os.environ.get("FIFTYONE_PRIVATE_DATABASE_PORT") == str(fod._connection_kwargs.get("port")):
+        os.environ.pop("FIFTYONE_PRIVATE_DATABASE_PORT", None)
+    fod._connection_kwargs.pop("port", None)
     if service is None:
         return
     child = service.child
