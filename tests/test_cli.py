@@ -23,6 +23,7 @@ def run_cli(*args, timeout=120, **env):
     return subprocess.run([sys.executable, "-m", "ml_backend.cli", *args], env=environment, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # a served process loading models: ~7 s (Label Studio tests serve it too)
 def test_serve_starts_with_tiny_models_and_answers_health(tiny_models, tmp_path):
     port = free_port()
     env = os.environ | {"HF_HUB_OFFLINE": "1", "MODEL_DIR": str(tmp_path)}

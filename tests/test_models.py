@@ -25,6 +25,7 @@ def images():
     return [np.array(make_image(w, h, i)) for i, (w, h) in enumerate([(160, 90), (120, 200), (300, 240)])]
 
 
+@pytest.mark.slow  # writes and loads every tiny kind in a process of its own (SAM 3's too): ~8 s
 def test_tiny_models_cli_writes_loadable_models_offline(tmp_path):
     env = os.environ | {"HF_HUB_OFFLINE": "1"}
     done = subprocess.run([sys.executable, "-m", "ml_backend.cli", "dev", "tiny-models", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
