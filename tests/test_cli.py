@@ -73,6 +73,7 @@ def test_original_sam_checkpoints_load_through_segment_anything(tmp_path):
     assert segmenter.cache_info()["hits"] == 1 and segmenter.cache_info()["misses"] == 1
 
 
+@pytest.mark.slow  # `prelabel up` in processes of its own: ~7 s
 def test_up_refuses_a_missing_folder_and_a_run_without_labels(tmp_path):
     done = run_cli("up", str(tmp_path / "nope"), "--tiny-models", "--data-dir", str(tmp_path / "ls"))
     assert done.returncode == 2 and "is not a folder of images" in done.stderr

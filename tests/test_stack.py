@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from typer.testing import CliRunner
 
 from ml_backend.cli import _with_stack, app
@@ -32,6 +33,7 @@ def test_label_config_names_the_tool_of_each_row_of_labels():
     assert boxes_only.count("<Header") == 1 and 'smart="true"' not in boxes_only  # a smart tool needs a segmenter
 
 
+@pytest.mark.slow  # `prelabel up` in a process of its own: ~6 s
 def test_up_names_every_missing_model_at_once_before_starting_anything(tmp_path):
     images = tmp_path / "photos"
     images.mkdir()
