@@ -39,18 +39,10 @@ class EmbeddingCache:
         self.hits = self.misses = 0
 
     def get_or_compute(self, key: str, compute: Callable[[], Any]) -> Any:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                self.hits += 1
-                return self._items[key]
-            self.misses += 1
-        value = compute()
-        if self.size:
-            with self._lock:
-                self._items[key] = value
-                while len(self._items) > self.size:
-                    self._items.popitem(last=False)
+        value = self.peek(key)
+        if value is None:
+            value = compute()
+            self.put(key, value)
         return value
 
     def peek(self, key: str) -> Any | None:
