@@ -8,6 +8,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_DETECTOR = "IDEA-Research/grounding-dino-tiny"
 DEFAULT_SEGMENTER = "facebook/sam-vit-base"
+DEFAULT_TRACKER = "facebook/sam2.1-hiera-tiny"
 
 
 def _env(*names: str) -> AliasChoices:
@@ -29,6 +30,7 @@ class Settings(BaseSettings):
     prompts: Path | None = None
     detector: str = DEFAULT_DETECTOR
     segmenter: str | None = DEFAULT_SEGMENTER
+    tracker: str | None = DEFAULT_TRACKER  # video: follows detected objects between detection frames (SAM 2 video, SAM 3)
     classifier: str | None = None  # CLIP/SigLIP for Choices, per-region classes and CVAT tags (else the prompts file's)
     classifier_batch_size: int = Field(64, ge=1)  # image crops per classifier forward
     device: str = "auto"
@@ -41,6 +43,13 @@ class Settings(BaseSettings):
     download_timeout: float = Field(30.0, gt=0)
     fetch_workers: int = Field(8, ge=1)
     max_tasks_per_request: int = Field(256, ge=1)
+
+    # Video (see README "Video"): the detector runs every `video_detect_every` frames, the tracker in between.
+    video_detect_every: int = Field(10, ge=1)
+    keyframe_tolerance: float = Field(2.0, ge=0)  # px: Label Studio's interpolation between keyframes stays this close
+    max_video_seconds: float = Field(600.0, gt=0)
+    max_video_bytes: int = Field(2 * 2**30, ge=1)
+    max_video_pixels: int = Field(3840 * 2160, ge=1)  # per frame
 
     # Serving under load and at the edge (see README "Under load" and "Security").
     max_request_bytes: int = Field(64 * 2**20, ge=1)  # request bodies over this get 413

@@ -1,8 +1,10 @@
 """The small interfaces model families implement, one per role of the registry (registry.py): Detector, Segmenter,
-Classifier (zero-shot, CLIP-style) and ImageEncoder (embeddings, e.g. for review)."""
+Classifier (zero-shot, CLIP-style), ImageEncoder (embeddings, e.g. for review) and Tracker (video: follows boxes from
+frame to frame)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
@@ -75,4 +77,28 @@ class ImageEncoder(Protocol):
     def embed(self, image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For an RGB uint8 HxWx3 image and N pixel xyxy boxes: (image embedding (C,), box embeddings (N, D)),
         both L2-normalised float32; the sizes are fixed per model."""
+        ...
+
+
+class TrackSession(Protocol):
+    """One video (or one CVAT track) being followed, frame after frame; frames must all have one size."""
+
+    def step(self, frame: np.ndarray, new: Mapping[int, np.ndarray] | None = None) -> dict[int, tuple[np.ndarray | None, float]]:
+        """Advance to the next frame (RGB uint8 HxWx3). Objects in `new` (object id -> xyxy pixel box on this frame)
+        start here. Returns, for every object followed (not dropped), its xyxy pixel box on this frame (None where
+        the tracker sees it nowhere) and its presence score in [0, 1]."""
+        ...
+
+    def drop(self, obj_ids: Iterable[int]) -> None:
+        """Stop following these objects: later steps cost nothing for them."""
+        ...
+
+
+class Tracker(Protocol):
+    """A video tracker (SAM 2 video, SAM 3's tracker): follows objects given by one box each."""
+
+    model_id: str
+
+    def start(self) -> TrackSession:
+        """A new, empty session (its memory is freed with it)."""
         ...

@@ -28,10 +28,10 @@ from .loading import LOCAL_PREFIXES, quiet_weights, resolve_model
 log = logging.getLogger(__name__)
 
 # roles: the interface a built model offers (see base.py)
-DETECTOR, SEGMENTER, CLASSIFIER, EMBEDDER = "detector", "segmenter", "classifier", "embedder"
-ROLES = (DETECTOR, SEGMENTER, CLASSIFIER, EMBEDDER)
+DETECTOR, SEGMENTER, CLASSIFIER, EMBEDDER, TRACKER = "detector", "segmenter", "classifier", "embedder", "tracker"
+ROLES = (DETECTOR, SEGMENTER, CLASSIFIER, EMBEDDER, TRACKER)
 ROLE_WORDS = {DETECTOR: "open-vocabulary detectors", SEGMENTER: "promptable segmenters",
-              CLASSIFIER: "CLIP-style models", EMBEDDER: "image encoders"}
+              CLASSIFIER: "CLIP-style models", EMBEDDER: "image encoders", TRACKER: "video trackers"}
 # capabilities: what a family can do within its roles
 BOXES, MASKS, TEXT_PROMPTS, BOX_PROMPTS, CLICKS, CLASSIFICATION, EMBEDDINGS = (
     "boxes", "masks", "text-prompts", "box-prompts", "clicks", "classification", "embeddings")
