@@ -101,3 +101,15 @@ def validated(model, raw, error: type[PrelabelError], where: str, expected: str 
         return model.model_validate(raw)
     except ValidationError as exc:
         raise error(f"{where}: {describe_validation(exc.errors())}") from None
+
+
+class VideoDecodeError(ImageDecodeError):
+    """A video that cannot be decoded: corrupt, truncated, no frames, unknown codec (names the video and cause)."""
+
+    kind = "video_decode"
+
+
+class VideoTooLargeError(ImageTooLargeError):
+    """A video over the size, duration or per-frame pixel limits."""
+
+    kind = "video_too_large"
