@@ -54,13 +54,17 @@ class VideoInfo:
 
 def _stream(container: av.container.InputContainer, source: str) -> av.video.stream.VideoStream:
     if not container.streams.video:
-        kinds = sorted({s.type for s in container.streams}) or ["nothing"]
-        raise VideoDecodeError(f"video {source} has no video stream (it holds {', '.join(kinds)})")
+        kinds = sorted({s.type for s in container.streams})
+        held = f"it holds {', '.join(kinds)}" if kinds else "it holds no streams: a video of zero frames?"
+        raise VideoDecodeError(f"video {source} has no video stream ({held})")
     return container.streams.video[0]
 
 
 def _info(container: av.container.InputContainer, stream, source: str) -> VideoInfo:
     ctx = stream.codec_context
+    if ctx is None:  # FFmpeg knows no decoder for the stream's codec id
+        tag = getattr(stream, "codec_tag", "") or "unknown"
+        raise VideoDecodeError(f"video {source} uses a codec ({tag!r}) which this FFmpeg build cannot decode")
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     fps = float(rate) if rate else 0.0
     if stream.duration is not None and stream.time_base:
@@ -105,7 +109,7 @@ class VideoReader:
         try:
             av.codec.Codec(self.stream.codec_context.name, "r")
         except (av.error.FFmpegError, ValueError):
-            raise VideoDecodeError(f"video {self.source} uses the codec {info.codec!r}, which this FFmpeg build "
+            raise VideoDecodeError(f"video {self.source} uses a codec ({info.codec!r}) which this FFmpeg build "
                                    f"cannot decode") from None
         if info.width <= 0 or info.height <= 0:
             raise VideoDecodeError(f"video {self.source} declares no frame size ({info.width}x{info.height})")
