@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -27,7 +28,7 @@ from .models import (
     DETECTOR, SEGMENTER, Detector, Segmenter, UnloadedModel, build_detector, build_segmenter, model_id, model_kind,
     pick_device,
 )
-from .models.base import Classifier
+from .models.base import Classifier, Tracker
 from .models.loading import resolve_model
 from .ontology import Classification, Ontology, PromptsFile
 from .settings import Settings
@@ -148,12 +149,15 @@ class Engine:
         prompts: PromptsFile,
         settings: Settings,
         classifier: Classifier | None = None,
+        tracker: Tracker | None = None,
     ):
         self.detector = detector
         self.segmenter = segmenter
         self.prompts = prompts
         self.settings = settings
         self.classifier = classifier
+        self._tracker = tracker
+        self._tracker_lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Settings, load: bool = True, detector: bool = True) -> Engine:
@@ -454,6 +458,52 @@ class Engine:
             detections.mask = segmenter.segment(image, boxes=detections.xyxy)[0]
         else:
             detections.mask = np.zeros((0, *image.shape[:2]), bool)
+
+    # -- video ----------------------------------------------------------------------------------------------------
+    @property
+    def tracker_ref(self) -> str | None:
+        ref = self.settings.tracker
+        return None if not ref or ref.lower() == "none" else ref
+
+    def tracker(self) -> Tracker | None:
+        """The video tracker, loaded on first use (image-only users never download it); None where
+        PRELABEL_TRACKER is none (the detector then runs on every frame). A SAM 3 detector named as the tracker
+        too is one model."""
+        ref = self.tracker_ref
+        if ref is None:
+            return None
+        with self._tracker_lock:
+            if self._tracker is None:
+                if ref == getattr(self.detector, "model_id", None) and hasattr(self.detector, "start"):
+                    self._tracker = self.detector
+                else:
+                    from .models import build_tracker
+
+                    self._tracker = build_tracker(ref, self.settings.model_dir, pick_device(self.settings.device),
+                                                  precision=self.settings.precision)
+            return self._tracker
+
+    def video_version(self, ontology: Ontology) -> str:
+        """The image version plus the tracker, the detection interval and the keyframe tolerance."""
+        s = self.settings
+        tracker = _short(self.tracker_ref) if self.tracker_ref else "notracker"
+        knobs = f"{s.video_detect_every if self.tracker_ref else 1}/{s.keyframe_tolerance:g}"
+        digest = hashlib.sha256(f"{self.model_version(ontology)} {tracker} {knobs}".encode()).hexdigest()[:10]
+        return f"{self.base_version}+{tracker}-{digest}"
+
+    def track(self, frames, ontology: Ontology, progress=None):
+        """Tracks of `ontology`'s labels over decoded `frames` ((Frame, RGB) pairs): the detector every
+        PRELABEL_VIDEO_DETECT_EVERY frames, the tracker between (see `video/track.py`). Returns (tracks, times)."""
+        from .video.track import TrackOptions, track_frames
+
+        if not ontology.labels:
+            raise ConfigError("a video needs labels to track (the label config's <Labels> for the video)")
+        tracker = self.tracker()
+
+        def detect(image: np.ndarray) -> sv.Detections:
+            return self.detect([image], ontology)[0]
+
+        return track_frames(frames, detect, tracker, TrackOptions(every=self.settings.video_detect_every), progress)
 
     def require_clicker(self) -> Segmenter:
         if (clicker := self.clicker) is None:

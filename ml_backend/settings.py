@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     keyframe_tolerance: float = Field(2.0, ge=0)  # px: Label Studio's interpolation between keyframes stays this close
     max_video_seconds: float = Field(600.0, gt=0)
     max_video_bytes: int = Field(2 * 2**30, ge=1)
+    video_download_timeout: float = Field(600.0, gt=0)
     max_video_pixels: int = Field(3840 * 2160, ge=1)  # per frame
 
     # Serving under load and at the edge (see README "Under load" and "Security").

@@ -198,7 +198,13 @@ def annotate_project(
             selected = select_model_version(client, project_id, version)
 
     with listed_after_the_run(*RUN_LOGGERS):
-        if engine is not None:
+        if config.videos:
+            from .video import annotate_videos
+
+            if engine is not None:
+                log.warning("video projects run here, one video at a time (--engine ray splits image batches)")
+            annotate_videos(backend, todo, backend.filled(config), ontology, version, sink, report)
+        elif engine is not None:
             engine(todo, project.label_config, sink, report)
         else:
             run_batches(chunks(todo, batch_size), load=lambda tasks: backend.load_tasks(tasks, config),

@@ -239,7 +239,10 @@ class LabelStudioBackend:
 
     def version_for(self, config: ProjectConfig, ontology: Ontology) -> str:
         """Model ids + digests of the prompts and templates of what is filled (never of text filled from task
-        data): a skipped control leaves no trace, and a server that starts filling it has a new version."""
+        data): a skipped control leaves no trace, and a server that starts filling it has a new version. Video
+        configs: also the tracker and its settings."""
+        if config.videos:
+            return self.engine.video_version(ontology)
         return self.engine.model_version(ontology, list(self.classifications_for(config).values()))
 
     # -- /predict -----------------------------------------------------------------------------------------------
@@ -299,7 +302,13 @@ class LabelStudioBackend:
             tid = task.get("id") if isinstance(task, dict) else None
             raise type(exc)(task_error(tid, exc)["error"]["message"]) from None
 
-    def predict_tasks(self, tasks: list, config: ProjectConfig, ontology: Ontology, version: str) -> list[dict]:
+    def predict_tasks(self, tasks: list, config: ProjectConfig, ontology: Ontology, version: str,
+                      progress: Callable[[int], None] | None = None) -> list[dict]:
+        """Images: fetched, then one batch; videos (`progress(frames)` as they are tracked): one task after another."""
+        if config.videos:
+            from .video import video_entries
+
+            return video_entries(self, tasks, self.filled(config), ontology, version, progress)
         return self.infer(self.load_tasks(tasks, config), config, ontology, version)
 
     def load_tasks(self, tasks: list, config: ProjectConfig) -> LoadedTasks:

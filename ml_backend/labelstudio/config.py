@@ -38,6 +38,34 @@ class Control:
 
 
 @dataclass(frozen=True)
+class VideoControl:
+    """A `<VideoRectangle>` on a `<Video>`: one `videorectangle` region per tracked object, labelled with the labels
+    of the `<Labels>` on the same video. `framerate` is the Video tag's (a number, or `$field` of task data; Label
+    Studio's default is 24): Label Studio numbers frames by it."""
+
+    from_name: str
+    to_name: str
+    data_key: str
+    labels: tuple[str, ...]
+    framerate: str = "24"
+
+    type = "videorectangle"
+
+    def fps(self, data: dict) -> float:
+        """The frame rate Label Studio uses for a task (a `$field` read from its data)."""
+        raw = self.framerate
+        if raw.startswith("$"):
+            raw = str(data.get(raw[1:], ""))
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"<Video name={self.to_name!r} framerate={self.framerate!r}>: {raw!r} is not a number") from None
+        if not value > 0:
+            raise ConfigError(f"<Video name={self.to_name!r} framerate={self.framerate!r}> must be positive, got {value}")
+        return value
+
+
+@dataclass(frozen=True)
 class ChoiceControl:
     """A `<Choices>` on an `<Image>`: classified by the zero-shot classifier, for the whole image or, with
     `perRegion="true"`, for each detected region (restricted by `whenTagName`/`whenLabelValue` when given)."""
@@ -73,6 +101,7 @@ class ProjectConfig:
     predicted_values: dict[str, list[str]] = field(default_factory=dict)
     choices: list[ChoiceControl] = field(default_factory=list)
     others: tuple[str, ...] = ()  # names of the controls not filled (TextArea, KeyPointLabels, ..., skipped ones)
+    videos: list[VideoControl] = field(default_factory=list)
     selected: bool = field(default=False, compare=False, repr=False)  # the result of `select`: nothing left to skip
 
     @property
@@ -100,7 +129,7 @@ class ProjectConfig:
     def names(self) -> list[str]:
         """Every control's name, in config order (ours first)."""
         return list(dict.fromkeys([c.from_name for c in self.controls] + [c.from_name for c in self.choices]
-                                  + list(self.others)))
+                                  + [c.from_name for c in self.videos] + list(self.others)))
 
     def select(self, detector: bool, segmenter: bool, classifier: bool, wanted: ControlsEntry) -> Selection:
         """The controls this server fills, given which models it has and the prompts file's `controls:`; the
@@ -114,7 +143,11 @@ class ProjectConfig:
                 why = NEEDS_SEGMENTER
             if why:
                 skipped.setdefault(c.from_name, why)
+        for c in self.videos:
+            if why := wanted.opted_out(c.from_name) or (None if detector else NEEDS_DETECTOR):
+                skipped.setdefault(c.from_name, why)
         controls = [c for c in self.controls if c.from_name not in skipped]
+        videos = [c for c in self.videos if c.from_name not in skipped]
         for c in self.choices:
             why = wanted.opted_out(c.from_name) or (None if classifier else NEEDS_CLASSIFIER)
             if why is None and c.per_region and not any(c.applies_to(r, label) for r in controls for label in r.labels):
@@ -127,15 +160,15 @@ class ProjectConfig:
                     f"has {self.names})" for n in unknown]
         notes = [Skipped(name, why) for name, why in skipped.items()]
         choices = [c for c in self.choices if c.from_name not in skipped]
-        if not controls and not choices:
+        if not controls and not choices and not videos:
             raise ConfigError("nothing in the label config can be pre-annotated: "
                               + "; ".join(f"{n.control!r}: {n.reason}" for n in notes)
                               + "".join(f"; {w}" for w in warnings))
         if not notes:
             return Selection(replace(self, selected=True), [], warnings)
-        labels = [name for name in self.labels if any(name in c.labels for c in controls)]
-        filled = replace(self, controls=controls, labels=labels, choices=choices, others=self.others + tuple(skipped),
-                         selected=True)
+        labels = [name for name in self.labels if any(name in c.labels for c in [*controls, *videos])]
+        filled = replace(self, controls=controls, labels=labels, choices=choices, videos=videos,
+                         others=self.others + tuple(skipped), selected=True)
         return Selection(filled, notes, warnings)
 
     def mask_control(self, to_name: str | None = None) -> Control | None:
@@ -199,6 +232,28 @@ def _images(interface, tag):
         yield to_name, obj.value_name
 
 
+def _videos(interface) -> list[VideoControl]:
+    """Each `<VideoRectangle>` on a `<Video>`, with the labels of the `<Labels>` on that video."""
+    out = []
+    for tag in interface.controls:
+        if tag.tag != "VideoRectangle":
+            continue
+        for to_name in tag.to_name:
+            obj = interface.get_object(to_name)
+            if obj is None or obj.tag != "Video":
+                continue
+            if not obj.value.startswith("$"):
+                raise ConfigError(f"<Video name={to_name!r}> must take its URL from task data (value=\"$key\")")
+            labels = [name for t in interface.controls if t.tag == "Labels" and to_name in t.to_name
+                      for name in (t.labels_attrs or {}) if not is_exclude(name)]
+            if not labels:
+                raise ConfigError(f"<VideoRectangle name={tag.name!r}> on <Video name={to_name!r}> has no <Labels> "
+                                  f"on that video to label its boxes with")
+            rate = str((obj.attr or {}).get("framerate") or "24")
+            out.append(VideoControl(tag.name, to_name, obj.value_name, tuple(dict.fromkeys(labels)), rate))
+    return out
+
+
 @functools.lru_cache(maxsize=64)
 def parse_config(config: str) -> ProjectConfig:
     if not isinstance(config, str) or not config.strip():
@@ -226,12 +281,20 @@ def parse_config(config: str) -> ProjectConfig:
             values = label_tag.attr.get("predicted_values")
             if values:
                 predicted[name] = [v.strip() for v in values.split(",") if v.strip()]
-    if not controls and not choices:
+    videos = _videos(interface)
+    for video in videos:
+        for name in video.labels:
+            labels.append(name)
+            label_tag = next(t.labels_attrs[name] for t in interface.controls
+                             if t.tag == "Labels" and name in (t.labels_attrs or {}))
+            if values := label_tag.attr.get("predicted_values"):
+                predicted[name] = [v.strip() for v in values.split(",") if v.strip()]
+    if not controls and not choices and not videos:
         found = sorted({t.tag for t in interface.controls}) or ["none"]
         raise ConfigError(
             f"label config has no control we can pre-annotate: found {', '.join(found)}; supported are "
             f"RectangleLabels, BrushLabels, PolygonLabels and Choices on an <Image> (KeyPointLabels/TextArea only "
-            f"with them)"
+            f"with them), and VideoRectangle with Labels on a <Video>"
         )
     for choice in choices:
         if choice.per_region and not any(choice.applies_to(c, label) for c in controls for label in c.labels):
@@ -242,6 +305,7 @@ def parse_config(config: str) -> ProjectConfig:
                 + (f" is named {choice.when_tag!r}" if choice.when_tag else "")
                 + " to give it regions"
             )
-    ours = {c.from_name for c in controls} | {c.from_name for c in choices}
-    others = tuple(dict.fromkeys(t.name for t in interface.controls if t.name not in ours))
-    return ProjectConfig(controls, list(dict.fromkeys(labels)), predicted, choices, others)
+    ours = {c.from_name for c in controls} | {c.from_name for c in choices} | {c.from_name for c in videos}
+    video_labels = {t.name for t in interface.controls if t.tag == "Labels" and any(v.to_name in t.to_name for v in videos)}
+    others = tuple(dict.fromkeys(t.name for t in interface.controls if t.name not in ours | video_labels))
+    return ProjectConfig(controls, list(dict.fromkeys(labels)), predicted, choices, others, videos)

@@ -20,7 +20,9 @@ from urllib.parse import parse_qs, quote, unquote, urljoin, urlsplit
 
 import httpx
 
-from ..errors import ImageAuthError, ImageDecodeError, ImageError, ImageFetchError, ImageTooLargeError
+from ..errors import (
+    ImageAuthError, ImageDecodeError, ImageError, ImageFetchError, ImageTooLargeError, VideoTooLargeError,
+)
 from ..media import MediaItem, decode_image
 from ..net import PinnedBackend, UrlGuard, origin, redact
 from ..settings import Settings
@@ -165,8 +167,9 @@ class LabelStudioImageSource:
         encoded = base64.urlsafe_b64encode(uri.encode()).decode()
         return f"{self._ls_url}/tasks/{int(task_id)}/presign/?fileuri={quote(encoded)}"
 
-    def _local_file(self, ref: str) -> MediaItem | None:
-        """`/data/local-files/?d=rel/path` read straight from LOCAL_FILES_DOCUMENT_ROOT when it is set here."""
+    def _local_path(self, ref: str, what: str = "image") -> Path | None:
+        """`/data/local-files/?d=rel/path` as a file under LOCAL_FILES_DOCUMENT_ROOT when it is set here (None:
+        not such a reference, or a file Label Studio may serve from its own root)."""
         root = self.settings.local_files_document_root
         parts = urlsplit(ref)
         if root is None or not parts.path.endswith("/data/local-files/"):
@@ -183,27 +186,33 @@ class LabelStudioImageSource:
                 return None  # Label Studio may serve it from its own document root
             raise ImageFetchError(f"local file {path} (from {ref}) does not exist")
         size = path.stat().st_size
-        if size > self.settings.max_download_bytes:
-            raise self._too_big(ref, size)
-        return decode_image(path.read_bytes(), ref, self.settings.max_image_pixels)
+        if size > self._limit(what):
+            raise self._too_big(ref, size, what)
+        return path
 
-    def _from_data_uri(self, ref: str) -> MediaItem:
+    def _local_file(self, ref: str) -> MediaItem | None:
+        path = self._local_path(ref)
+        return None if path is None else decode_image(path.read_bytes(), ref, self.settings.max_image_pixels)
+
+    def _data_uri_bytes(self, ref: str, what: str = "image") -> bytes:
         header, _, payload = ref.partition(",")
         if ";base64" not in header:
-            raise ImageDecodeError("data URI images must be base64 encoded")
+            raise ImageDecodeError(f"data URI {what}s must be base64 encoded")
         try:
             data = base64.b64decode(payload, validate=True)
         except ValueError:
             raise ImageDecodeError("data URI holds invalid base64") from None
-        if len(data) > self.settings.max_download_bytes:
-            raise self._too_big("data URI", len(data))
-        return decode_image(data, "data URI", self.settings.max_image_pixels)
+        if len(data) > self._limit(what):
+            raise self._too_big("data URI", len(data), what)
+        return data
 
-    def _too_big(self, source: str, size: int) -> ImageTooLargeError:
-        limit = self.settings.max_download_bytes
-        return ImageTooLargeError(
-            f"image {source} is {size} bytes, over the download limit of {limit} bytes (PRELABEL_MAX_DOWNLOAD_BYTES)"
-        )
+    def _from_data_uri(self, ref: str) -> MediaItem:
+        return decode_image(self._data_uri_bytes(ref), "data URI", self.settings.max_image_pixels)
+
+    def _too_big(self, source: str, size: int, what: str = "image") -> ImageTooLargeError:
+        error = ImageTooLargeError if what == "image" else VideoTooLargeError
+        return error(f"{what} {source} is {size} bytes, over the download limit of {self._limit(what)} bytes "
+                     f"({LIMIT_SETTING[what]})")
 
     # -- HTTP ---------------------------------------------------------------------------------------------------
     def _headers_for(self, url: str) -> dict[str, str]:
@@ -211,56 +220,97 @@ class LabelStudioImageSource:
             return self._auth.header()
         return {}
 
-    def _fetch(self, url: str, source: str) -> MediaItem:
-        deadline = time.monotonic() + self.settings.download_timeout
+    def _fetch(self, url: str, source: str, sink=None, what: str = "image") -> MediaItem | None:
+        """GET `url` (following checked redirects): an image decoded, or with `sink` (a binary file) the body
+        written there (None returned), under the size limit of `what`."""
+        timeout = self.settings.download_timeout if what == "image" else self.settings.video_download_timeout
+        deadline = time.monotonic() + timeout
         shown = redact(url)
         self.guard.check(url, source)
         try:
             for _ in range(MAX_REDIRECTS + 1):
-                data, location = self._get(url, source, deadline)
+                data, location = self._get(url, source, deadline, sink, what)
                 if location is None:
-                    return decode_image(data, redact(source), self.settings.max_image_pixels)
+                    return None if sink is not None else decode_image(data, redact(source), self.settings.max_image_pixels)
                 from_ls, url = self.guard.is_tool(url), urljoin(url, location)
                 self.guard.check(url, source, redirect=True, redirected_by_tool=from_ls)  # before following the hop
                 shown = redact(url)
         except httpx.TimeoutException:
-            raise ImageFetchError(
-                f"image {redact(source)} ({shown}) timed out after {self.settings.download_timeout} s (PRELABEL_DOWNLOAD_TIMEOUT)"
-            ) from None
+            raise ImageFetchError(f"{what} {redact(source)} ({shown}) timed out after {timeout} s "
+                                  f"({TIMEOUT_SETTING[what]})") from None
         except httpx.HTTPError as exc:
-            raise ImageFetchError(f"image {redact(source)} ({shown}) could not be fetched: {exc}") from None
-        raise ImageFetchError(f"image {redact(source)} redirected more than {MAX_REDIRECTS} times (last {shown})")
+            raise ImageFetchError(f"{what} {redact(source)} ({shown}) could not be fetched: {exc}") from None
+        raise ImageFetchError(f"{what} {redact(source)} redirected more than {MAX_REDIRECTS} times (last {shown})")
 
-    def _get(self, url: str, source: str, deadline: float) -> tuple[bytes, str | None]:
-        """One hop: (body, None), or (b"", Location) for a redirect. Limits and auth errors raise."""
-        limit, shown, source = self.settings.max_download_bytes, redact(url), redact(source)
+    def _get(self, url: str, source: str, deadline: float, sink=None, what: str = "image") -> tuple[bytes, str | None]:
+        """One hop: (body, None) (b"" when written to `sink`), or (b"", Location) for a redirect. Limits and auth
+        errors raise."""
+        limit, shown, source = self._limit(what), redact(url), redact(source)
         with self.client.stream("GET", url, headers=self._headers_for(url)) as response:
             if response.is_redirect and response.headers.get("location"):
                 return b"", response.headers["location"]
             if response.status_code in (401, 403):
                 sent = "with" if self._headers_for(url) else "without"
                 raise ImageAuthError(
-                    f"Label Studio refused image {source} ({shown}) {sent} an API key: {response.status_code} "
+                    f"Label Studio refused {what} {source} ({shown}) {sent} an API key: {response.status_code} "
                     f"{_detail_streamed(response)}; check LABEL_STUDIO_API_KEY (a legacy token or a personal "
                     f"access token of a user of that Label Studio) and LABEL_STUDIO_URL"
                 )
             if response.status_code >= 400:
-                raise ImageFetchError(f"image {source} ({shown}) answered HTTP {response.status_code}")
+                raise ImageFetchError(f"{what} {source} ({shown}) answered HTTP {response.status_code}")
             declared = int(response.headers.get("content-length") or 0)
             if declared > limit:
-                raise self._too_big(source, declared)
+                raise self._too_big(source, declared, what)
             chunks, size = [], 0
             for chunk in response.iter_bytes():
                 size += len(chunk)
                 if size > limit:
-                    raise self._too_big(source, size)
+                    raise self._too_big(source, size, what)
                 if time.monotonic() > deadline:
-                    raise ImageFetchError(
-                        f"image {source} took longer than {self.settings.download_timeout} s to download "
-                        f"(PRELABEL_DOWNLOAD_TIMEOUT)"
-                    )
-                chunks.append(chunk)
+                    raise ImageFetchError(f"{what} {source} took longer than {self._timeout(what)} s to download "
+                                          f"({TIMEOUT_SETTING[what]})")
+                if sink is not None:
+                    sink.write(chunk)
+                else:
+                    chunks.append(chunk)
         return b"".join(chunks), None
+
+    # -- videos -------------------------------------------------------------------------------------------------
+    def fetch_file(self, ref: str, task_id: int | None, dest: Path, what: str = "video") -> Path:
+        """A task's video (any form an image may take) as a local file: a local-files path is used where it lies;
+        anything else streams into `dest` under PRELABEL_MAX_VIDEO_BYTES and PRELABEL_VIDEO_DOWNLOAD_TIMEOUT."""
+        if not isinstance(ref, str) or not ref.strip():
+            raise ImageFetchError(f"{what} reference {ref!r} is empty or not a string")
+        ref = ref.strip()
+        scheme = urlsplit(ref).scheme.lower()
+        if scheme == "data":
+            dest.write_bytes(self._data_uri_bytes(ref, what))
+            return dest
+        if scheme in ("http", "https", "") and (path := self._local_path(ref, what)) is not None:
+            return path
+        if scheme in CLOUD_SCHEMES:
+            url = self._presign_url(ref, task_id)
+        elif scheme in ("http", "https"):
+            url = ref
+        elif ref.startswith("/") and self._ls_url:
+            url = urljoin(self._ls_url + "/", ref.lstrip("/"))
+        elif ref.startswith("/"):
+            raise ImageFetchError(f"{what} URL {ref} is relative to Label Studio, but LABEL_STUDIO_URL is not set")
+        else:
+            raise ImageFetchError(f"{what} URL {ref!r} has an unsupported form (scheme {scheme or 'none'!r})")
+        with open(dest, "wb") as sink:
+            self._fetch(url, ref, sink, what)
+        return dest
+
+    def _limit(self, what: str) -> int:
+        return self.settings.max_download_bytes if what == "image" else self.settings.max_video_bytes
+
+    def _timeout(self, what: str) -> float:
+        return self.settings.download_timeout if what == "image" else self.settings.video_download_timeout
+
+
+TIMEOUT_SETTING = {"image": "PRELABEL_DOWNLOAD_TIMEOUT", "video": "PRELABEL_VIDEO_DOWNLOAD_TIMEOUT"}
+LIMIT_SETTING = {"image": "PRELABEL_MAX_DOWNLOAD_BYTES", "video": "PRELABEL_MAX_VIDEO_BYTES"}
 
 
 def _detail_streamed(response: httpx.Response) -> str:

@@ -156,13 +156,14 @@ class InferenceWorker:
         self._cond = threading.Condition()
         self._calls: deque[tuple[_Waiter, Callable[[], Any]]] = deque()
         self._pieces: deque[_Piece] = deque()
+        self._jobs: deque[tuple[_Waiter, Callable[[Callable[[], None]], Any]]] = deque()  # videos: batch lane
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self._thread.start()
 
     def depth(self) -> dict[str, int]:
         with self._cond:
-            return {"interactive": len(self._calls), "batch_pieces": len(self._pieces)}
+            return {"interactive": len(self._calls), "batch_pieces": len(self._pieces), "batch_jobs": len(self._jobs)}
 
     async def call(self, fn: Callable[[], Any]) -> Any:
         """Runs `fn` on the worker thread ahead of batch work."""
@@ -171,6 +172,23 @@ class InferenceWorker:
             self._calls.append((waiter, fn))
             self._cond.notify()
         return await waiter.future
+
+    async def run_batch(self, fn: Callable[[Callable[[], None]], Any]) -> Any:
+        """Runs `fn(between)` on the worker thread in the batch lane (a video: minutes of work); `fn` calls
+        `between()` often (each frame), which serves waiting interactive calls first, so clicks stay fast."""
+        waiter = _Waiter()
+        with self._cond:
+            self._jobs.append((waiter, fn))
+            self._cond.notify()
+        return await waiter.future
+
+    def _between(self) -> None:
+        while True:
+            with self._cond:
+                if not self._calls:
+                    return
+                call = self._calls.popleft()
+            self._run_call(*call)
 
     async def predict(self, batch: LoadedTasks, config, ontology, version: str) -> list[dict]:
         """One entry per task, as `LabelStudioBackend.infer` gives."""
@@ -192,14 +210,17 @@ class InferenceWorker:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not (self._calls or self._pieces or self._closed):
+                while not (self._calls or self._pieces or self._jobs or self._closed):
                     self._cond.wait()
                 if self._closed:
                     return
                 call = self._calls.popleft() if self._calls else None
-                group = None if call else self._gather()
+                job = self._jobs.popleft() if call is None and self._jobs else None
+                group = None if call or job else self._gather()
             if call:
                 self._run_call(*call)
+            elif job:
+                self._run_job(*job)
             elif group:
                 self._run_group(group)
 
@@ -229,6 +250,15 @@ class InferenceWorker:
         except Exception as exc:  # handed to the request, which answers it
             waiter.done(error=exc)
         self.metrics.timing("inference_interactive", time.perf_counter() - start)
+
+    def _run_job(self, waiter: _Waiter, fn: Callable[[Callable[[], None]], Any]) -> None:
+        self.metrics.timing("queue_wait_batch", time.perf_counter() - waiter.queued)
+        start = time.perf_counter()
+        try:
+            waiter.done(fn(self._between))
+        except Exception as exc:  # handed to the request, which answers it
+            waiter.done(error=exc)
+        self.metrics.timing("inference_batch", time.perf_counter() - start)
 
     def _run_group(self, group: list[_Piece]) -> None:
         now = time.perf_counter()
@@ -411,6 +441,10 @@ def create_app(engine: Engine, loader: LabelStudioImageSource | None = None, sto
             if prepared.context is not None:  # fetch here, then the model call jumps the batch queue
                 image = await run_in_threadpool(backend.interactive_image, prepared)
                 results = [await worker.call(lambda: backend.interactive_task(prepared, image))]
+            elif prepared.config.videos:  # tracked frame by frame; clicks are served between frames
+                p = prepared
+                results = await worker.run_batch(lambda between: backend.predict_tasks(
+                    p.tasks, p.config, p.ontology, p.version, progress=lambda _frames: between()))
             else:
                 loaded = await run_in_threadpool(backend.load_tasks, prepared.tasks, prepared.config)
                 results = await worker.predict(loaded, prepared.config, prepared.ontology, prepared.version)

@@ -91,6 +91,7 @@ def write_video(path: Path | str, movers: list[Mover], width: int = 320, height:
     """Encode the movers' video at `path`; returns each mover's ground-truth track. `frame_times` (seconds, one per
     frame, increasing) makes a variable-frame-rate video."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tracks: dict[int, Track] = {}
     seen: dict[int, list[np.ndarray]] = {}
     with av.open(str(path), mode="w") as container:
