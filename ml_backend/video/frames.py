@@ -5,9 +5,9 @@ Each sampled frame is compared with the last frame KEPT (not the previous one): 
 frame only, and slow drift keeps a frame each time the picture has moved far enough from the last one kept.
 
 - `phash` (default): a 64-bit DCT perceptual hash of the whole picture (grey 32x32, the 8x8 lowest frequencies
-  against their median, as `imagehash.phash`); a frame is a near-duplicate when its Hamming distance to the last kept
-  one is <= the threshold (default 10 of 64 bits: re-encoding and sensor noise flip 0-6 bits between frames of a
-  still scene, a cut or a large movement 20-35). It sees the layout of the whole picture: a small object moving over
+  against their median, as `imagehash.phash`, with a small margin so flat regions do not flip); a frame is a near-duplicate when its Hamming distance to the last kept
+  one is <= the threshold (default 10 of 64 bits: re-encoding and sensor noise flip 0-3 bits between frames of a
+  still scene, at most 9 with heavy noise; a cut or a large movement 17-30). It sees the layout of the whole picture: a small object moving over
   a still background changes few bits (lower the threshold, or use `embedding`).
 - `embedding`: the image embedding of the pipeline's encoder (SAM, SAM 3, CLIP ...); a near-duplicate has cosine
   similarity >= the threshold (default 0.95) to the last kept frame.
@@ -40,16 +40,19 @@ METHODS = ("phash", "embedding")
 DEFAULT_THRESHOLDS = {"phash": 10.0, "embedding": 0.95}
 MANIFEST, VIDEOS = "frames.csv", "videos.csv"
 JPEG_QUALITY = 92
+PHASH_MARGIN = 2.0  # grey levels of the 32x32 thumbnail's orthonormal DCT (noise of sigma 8 per pixel is ~0.5 there)
 
 
 # -- near-duplicate measures -------------------------------------------------------------------------------------
 
 
 def phash(image: np.ndarray) -> int:
-    """64-bit DCT perceptual hash of an RGB uint8 image."""
+    """64-bit DCT perceptual hash of an RGB uint8 image: a bit per low frequency, set where it is above the median
+    by more than PHASH_MARGIN (without a margin, the many near-zero coefficients of a flat or dark picture flip
+    with noise: two noisy frames of one still scene differed by 20-40 bits; with it, by 0-9 at noise sigma 16)."""
     grey = Image.fromarray(image).convert("L").resize((32, 32), Image.Resampling.BOX)
     low = dctn(np.asarray(grey, np.float64), type=2, norm="ortho")[:8, :8]
-    return int(np.packbits((low > np.median(low)).ravel()).view(">u8")[0])
+    return int(np.packbits((low > np.median(low) + PHASH_MARGIN).ravel()).view(">u8")[0])
 
 
 class Measure(Protocol):
@@ -118,8 +121,9 @@ def check_threshold(method: str, threshold: float | None) -> float:
 
 @dataclass(frozen=True)
 class Sampling:
-    """Every `every`-th decoded frame, or at most `fps` frames per second of video time (the decoder's timestamps,
-    so variable-rate videos are sampled evenly in time)."""
+    """Every `every`-th decoded frame, or at most `fps` frames per second of video time: the first frame at least
+    1/fps seconds after the last one sampled (by the decoder's timestamps, so variable-rate videos are sampled evenly
+    in time)."""
 
     every: int = 1
     fps: float | None = None
@@ -142,7 +146,7 @@ class Sampling:
         def take(index: int, t: float) -> bool:
             if t + 1e-6 < due[0]:
                 return False
-            due[0] = max(due[0] + interval, t + interval / 2)  # no burst after a gap in a variable-rate video
+            due[0] = t + interval
             return True
 
         return take
