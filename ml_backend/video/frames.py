@@ -50,7 +50,7 @@ def phash(image: np.ndarray) -> int:
     """64-bit DCT perceptual hash of an RGB uint8 image: a bit per low frequency, set where it is above the median
     by more than PHASH_MARGIN (without a margin, the many near-zero coefficients of a flat or dark picture flip
     with noise: two noisy frames of one still scene differed by 20-40 bits; with it, by 0-9 at noise sigma 16)."""
-    grey = Image.fromarray(image).convert("L").resize((32, 32), Image.Resampling.BOX)
+    grey = Image.fromarray(image).resize((32, 32), Image.Resampling.BOX).convert("L")  # averaging first: faster
     low = dctn(np.asarray(grey, np.float64), type=2, norm="ortho")[:8, :8]
     return int(np.packbits((low > np.median(low) + PHASH_MARGIN).ravel()).view(">u8")[0])
 
