@@ -365,6 +365,48 @@ def effort(
 
 
 @app.command()
+def frames(
+    source: Path = typer.Argument(..., help="A video, or a folder of videos (mp4, mov, mkv, webm, avi, m4v; subfolders too)."),
+    out: Path = typer.Option(..., help="Folder for the kept frames (JPEG), frames.csv and videos.csv; `prelabel up OUT` labels them."),
+    every: Optional[int] = typer.Option(None, help="Sample every N-th frame (default 1: every frame)."),
+    fps: Optional[float] = typer.Option(None, help="Sample at most F frames per second of video time (instead of --every)."),
+    method: str = typer.Option("phash", help="Near-duplicate measure: phash (perceptual hash) or embedding (the image encoder's)."),
+    threshold: Optional[float] = typer.Option(None, help="Drop a frame this close to the last kept one: phash Hamming bits <= T (default 10 of 64), embedding cosine >= T (default 0.95)."),
+    embedder: Optional[str] = typer.Option(None, help="--method embedding: the image encoder (hub id or directory: SAM, SAM 3, CLIP/SigLIP; default the segmenter)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
+):
+    """Keep the frames worth labeling: sample a video's frames, drop near-duplicates and static stretches (each
+    frame against the last one kept), write the kept ones as JPEG with frames.csv (video, frame, timestamp), ready
+    for `prelabel up OUT`. Videos finished before are skipped; a bad video is reported and the others done."""
+    from .video.decode import VideoLimits
+    from .video.frames import EmbeddingSimilarity, PHash, Sampling, check_threshold, extract_frames, print_report
+
+    _logging(verbose)
+    with _failing():
+        if every is not None and fps is not None:
+            raise PrelabelError("--every and --fps both given: sample by frame count or by time, not both")
+        sampling = Sampling(every if every is not None else 1, fps)
+        threshold = check_threshold(method, threshold)
+        settings = _settings(device=device)
+        if method == "phash":
+            measure = PHash(threshold)
+        else:
+            from .models import build_embedder, pick_device
+
+            ref = embedder or settings.segmenter or settings.detector
+            if not ref:
+                raise PrelabelError("--method embedding needs an image encoder: pass --embedder (SAM, SAM 3, CLIP ...)")
+            measure = EmbeddingSimilarity(build_embedder(ref, settings.model_dir, pick_device(settings.device)),
+                                          threshold)
+        report = extract_frames(source, out, measure, sampling, VideoLimits.from_settings(settings),
+                                settings.max_video_bytes)
+    print_report(report)
+    typer.echo(report.summary())
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
 def distill(
     project: Optional[int] = typer.Option(None, help="Label Studio project id: train on its annotated tasks."),
     coco: Optional[Path] = typer.Option(None, help="A COCO file of human annotations to train on."),
