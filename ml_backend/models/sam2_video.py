@@ -56,19 +56,19 @@ class TrackerCore:
         return int(self.model.image_size)
 
 
-def check_box(obj_id: int, box, width: int, height: int) -> np.ndarray:
-    """The object's xyxy pixel box clipped to the frame; a RequestError naming the object when it has no area or
-    lies outside the frame."""
+def check_box(box, width: int, height: int, name: str) -> np.ndarray:
+    """An xyxy pixel box clipped to the frame; a RequestError naming the box (`name`, e.g. "object 3") when it is
+    not 4 numbers, has no area or lies outside the frame."""
     try:
         box = np.asarray(box, np.float64).reshape(4)
     except (TypeError, ValueError):
-        raise RequestError(f"object {obj_id}: box {box!r} is not 4 numbers [x1, y1, x2, y2]") from None
+        raise RequestError(f"{name}: box {box!r} is not 4 numbers [x1, y1, x2, y2]") from None
     x1, y1, x2, y2 = box.tolist()
     shown = [round(v, 2) for v in (x1, y1, x2, y2)]
     if not np.isfinite(box).all() or x2 <= x1 or y2 <= y1:
-        raise RequestError(f"object {obj_id}: box {shown} has no area")
+        raise RequestError(f"{name}: box {shown} has no area")
     if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
-        raise RequestError(f"object {obj_id}: box {shown} lies outside the {width}x{height} frame")
+        raise RequestError(f"{name}: box {shown} lies outside the {width}x{height} frame")
     return np.clip(box, 0, [width, height, width, height])
 
 
@@ -131,7 +131,7 @@ class StreamingSession:
     @torch.inference_mode()
     def step(self, frame: np.ndarray, new: Mapping[int, np.ndarray] | None = None) -> dict[int, tuple[np.ndarray | None, float]]:
         w, h = self._check_frame(frame)
-        boxes = {int(obj_id): check_box(obj_id, box, w, h) for obj_id, box in (new or {}).items()}
+        boxes = {int(obj_id): check_box(box, w, h, f"object {obj_id}") for obj_id, box in (new or {}).items()}
         self.size = (w, h)
         self.frame_index += 1
         index, state, core = self.frame_index, self.state, self.core
