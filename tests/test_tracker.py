@@ -125,7 +125,7 @@ def test_prompting_an_object_again_keeps_its_first_and_latest_prompts_only(track
 ])
 def test_a_frame_of_another_size_or_kind_is_refused_by_its_index(tracker, frame, problem):
     session = tracker.start()
-    session.step(*[square_frame(0)[0], {1: square_frame(0)[1]}])
+    session.step(square_frame(0)[0], {1: square_frame(0)[1]})
     with pytest.raises(RequestError, match=problem.replace("(", r"\(")):
         session.step(frame)
     check_answer(session.step(square_frame(1)[0]), {1})  # the session goes on
@@ -199,3 +199,11 @@ def test_the_tracker_flag_names_the_model_fetched_and_none_fetches_none(sam2_dir
     assert none.exit_code == 0 and "tracker" not in none.output, none.output
     for command in ("serve", "up", "annotate", "fetch"):
         assert "--tracker" in CliRunner().invoke(app, [command, "--help"], terminal_width=200).output, command
+
+
+def test_dev_tiny_models_writes_a_small_sam2_video_tracker(tmp_path):
+    written = CliRunner().invoke(app, ["dev", "tiny-models", str(tmp_path), "--kind", "sam2-video"])
+    assert written.exit_code == 0 and f"sam2-video: {tmp_path / 'sam2-video'}" in written.output, written.output
+    tracker = build_tracker(str(tmp_path / "sam2-video"), tmp_path, CPU)
+    assert isinstance(tracker, Sam2Video) and sum(p.numel() for p in tracker.model.parameters()) < 2_000_000
+    check_answer(tracker.start().step(square_frame(0)[0], {4: square_frame(0)[1]}), {4})
