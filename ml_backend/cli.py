@@ -131,6 +131,7 @@ def serve(
     detector: Optional[str] = typer.Option(None, help="Detector: hub id or local directory."),
     segmenter: Optional[str] = typer.Option(None, help="Segmenter: hub id, local directory, sam_vit_*.pth, or 'none'."),
     classifier: Optional[str] = typer.Option(None, help="Zero-shot classifier for Choices (CLIP/SigLIP): hub id, local directory, or 'none'."),
+    tracker: Optional[str] = typer.Option(None, help="Video tracker: SAM 2 video or SAM 3 hub id, local directory, or 'none'."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:1 ..."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ):
@@ -142,7 +143,7 @@ def serve(
 
     _logging(verbose)
     settings = _settings(prompts=prompts, detector=detector, device=device, segmenter=_segmenter_flag(segmenter),
-                         classifier=_segmenter_flag(classifier))
+                         classifier=_segmenter_flag(classifier), tracker=_segmenter_flag(tracker))
     if not _is_loopback(host) and not settings.basic_auth_user:
         log.warning("serving on %s without BASIC_AUTH_USER/BASIC_AUTH_PASS: anyone who can reach it can use it", host)
     with _failing():
@@ -158,6 +159,7 @@ def up(
     detector: Optional[str] = typer.Option(None, help="Detector: hub id or local directory (default: the prompts file's, else Grounding DINO tiny)."),
     segmenter: Optional[str] = typer.Option(None, help="Segmenter: hub id, local directory, sam_vit_*.pth, or 'none'."),
     classifier: Optional[str] = typer.Option(None, help="Zero-shot classifier for Choices (CLIP/SigLIP): hub id, local directory, or 'none'."),
+    tracker: Optional[str] = typer.Option(None, help="Video tracker: SAM 2 video or SAM 3 hub id, local directory, or 'none'."),
     port: int = typer.Option(8080, help="Label Studio port."),
     backend_port: int = typer.Option(9090, help="Backend port."),
     data_dir: Optional[Path] = typer.Option(None, help="Label Studio's data (SQLite, uploads; default MODEL_DIR/label-studio)."),
@@ -181,7 +183,7 @@ def up(
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack on stderr
     overrides = dict(prompts=prompts, device=device, detector=detector, segmenter=_segmenter_flag(segmenter),
-                     classifier=_segmenter_flag(classifier))
+                     classifier=_segmenter_flag(classifier), tracker=_segmenter_flag(tracker))
     try:
         with _failing():
             run_up(images, data_dir and data_dir.expanduser().resolve(), port, backend_port, overrides, tiny_models,
@@ -213,6 +215,7 @@ def annotate(
     detector: Optional[str] = typer.Option(None, help="Detector: hub id or local directory."),
     segmenter: Optional[str] = typer.Option(None, help="Segmenter: hub id, local directory, or 'none'."),
     classifier: Optional[str] = typer.Option(None, help="Zero-shot classifier for Choices (CLIP/SigLIP): hub id, local directory, or 'none'."),
+    tracker: Optional[str] = typer.Option(None, help="Video tracker: SAM 2 video or SAM 3 hub id, local directory, or 'none'."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
     engine: str = typer.Option("local", help="local, or ray (the extra prelabel[ray])."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster: 'auto' on a cluster node, or ray://HEAD:10001 (default: a local Ray)."),
@@ -227,7 +230,8 @@ def annotate(
 
     _logging(verbose)
     overrides = dict(prompts=prompts, detector=detector, device=device, segmenter=_segmenter_flag(segmenter),
-                     classifier=_segmenter_flag(classifier), batch_size=batch_size, label_studio_url=url,
+                     classifier=_segmenter_flag(classifier), tracker=_segmenter_flag(tracker), batch_size=batch_size,
+                     label_studio_url=url,
                      label_studio_api_key=api_key)
     ray = dict(actors=ray_actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, address=ray_address)
     with _failing():
@@ -488,6 +492,7 @@ def fetch(
     detector: Optional[str] = typer.Option(None, help="Detector: hub id or local directory, or 'none'."),
     segmenter: Optional[str] = typer.Option(None, help="Segmenter: hub id, local directory, or 'none'."),
     classifier: Optional[str] = typer.Option(None, help="Classifier: hub id, local directory, or 'none'."),
+    tracker: Optional[str] = typer.Option(None, help="Video tracker (fetched only when named): hub id, local directory, or 'none'."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ):
     """Download the models once (into the hub cache, HF_HOME) so that later starts work offline."""
@@ -498,12 +503,13 @@ def fetch(
     _logging(verbose)
     with _failing():
         settings = _settings(prompts=prompts, detector=_segmenter_flag(detector), segmenter=_segmenter_flag(segmenter),
-                             classifier=_segmenter_flag(classifier))
+                             classifier=_segmenter_flag(classifier), tracker=_segmenter_flag(tracker))
         prompts_file = PromptsFile.load(settings.prompts)
         detector = model_refs(settings, prompts_file)[0]
         if detector:  # first: whether a default segmenter is wanted depends on what the detector is (SAM 3: none)
             typer.echo(f"detector: {detector} -> {resolve_model(detector, settings.model_dir)}")
-        refs = {"segmenter": model_refs(settings, prompts_file)[1], "classifier": classifier_ref(settings, prompts_file)}
+        refs = {"segmenter": model_refs(settings, prompts_file)[1], "classifier": classifier_ref(settings, prompts_file),
+                "tracker": tracker and settings.tracker}  # video only: not fetched unless named
         for kind, ref in refs.items():
             if ref:
                 typer.echo(f"{kind}: {ref} -> {resolve_model(ref, settings.model_dir)}")

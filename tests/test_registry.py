@@ -277,8 +277,8 @@ def test_unloadable_references_are_named(tmp_path):
 
 
 def test_registrations_with_unknown_roles_or_taken_model_types_are_refused():
-    with pytest.raises(ValueError, match="unknown roles or capabilities \\['tracker'\\]"):
-        register("x-tracker", roles="tracker", capabilities=[])
+    with pytest.raises(ValueError, match="unknown roles or capabilities \\['teleporter'\\]"):
+        register("x-teleporter", roles="teleporter", capabilities=[])
     with pytest.raises(ValueError, match="model types \\['owlv2'\\] are registered already"):
         register("owlv2", name="another-owl", roles=DETECTOR, capabilities=[BOXES])(WholeImageDetector)
     assert "another-owl" not in {f.name for f in families()}

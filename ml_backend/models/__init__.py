@@ -1,9 +1,10 @@
-"""The models: every model family the server runs, behind four small interfaces (`base.py`: Detector, Segmenter,
-Classifier, ImageEncoder), found through one registry (`registry.py`) by the `model_type` of a model's
+"""The models: every model family the server runs, behind five small interfaces (`base.py`: Detector, Segmenter,
+Classifier, ImageEncoder, Tracker), found through one registry (`registry.py`) by the `model_type` of a model's
 config.json, or by a special form (`student:DIR`, a `.pth` file of original SAM).
 
 This package owns: loading model references (`loading.py`: local dirs, MODEL_DIR, the hub cache), the families
-(`grounding_dino.py`, `owlv2.py`, `sam.py`, `sam_original.py`, `classifier.py`, `student.py`), what they share
+(`grounding_dino.py`, `owlv2.py`, `sam.py`, `sam_original.py`, `sam3.py`, `sam2_video.py`, `classifier.py`,
+`student.py`), what they share
 (`prompted.py`: text-prompted scoring; `features.py`: feature-map embeddings) and tiny random models (`tiny.py`).
 
 To add a model: write one module here with a class (or function) called as `build(path, model_id, device,
@@ -18,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from .base import Classifier, Detector, ImageEncoder, Segmenter
+from .base import Classifier, Detector, ImageEncoder, Segmenter, Tracker, TrackSession
 from .loading import pick_device
-from .registry import DETECTOR, EMBEDDER, SEGMENTER, Family, build, families, model_id, model_kind, register
+from .registry import DETECTOR, EMBEDDER, SEGMENTER, TRACKER, Family, build, families, model_id, model_kind, register
 
 __all__ = [
-    "Classifier", "Detector", "Family", "ImageEncoder", "Segmenter", "UnloadedModel", "build_detector",
-    "build_embedder", "build_segmenter", "families", "model_id", "model_kind", "pick_device", "register",
+    "Classifier", "Detector", "Family", "ImageEncoder", "Segmenter", "TrackSession", "Tracker", "UnloadedModel",
+    "build_detector", "build_embedder", "build_segmenter", "build_tracker", "families", "model_id", "model_kind",
+    "pick_device", "register",
 ]
 
 
@@ -41,6 +43,12 @@ def build_segmenter(ref: str, model_dir: Path, device: torch.device, cache_size:
 def build_embedder(ref: str, model_dir: Path, device: torch.device) -> ImageEncoder:
     """Any registered family with the embeddings capability (SAM, Grounding DINO, OWL, CLIP/SigLIP)."""
     return build(EMBEDDER, ref, model_dir, device)
+
+
+def build_tracker(ref: str, model_dir: Path, device: torch.device, **options) -> Tracker:
+    """A hub id or directory of a registered video tracker family: SAM 2 video (`sam2_video`, e.g.
+    facebook/sam2.1-hiera-tiny) or SAM 3 (`sam3_video`, facebook/sam3: its tracker on SAM 3's backbone)."""
+    return build(TRACKER, ref, model_dir, device, **options)
 
 
 class UnloadedModel:

@@ -35,9 +35,11 @@ from ..types import NEAR_MISS_BAND, NEAR_MISSES, make_detections
 from .features import FeatureMap, embed_feature_map
 from .prompted import check_prompt_lengths, merge, nothing_to_run, prompt_labels, score_boxes
 from .registry import (
-    BOX_PROMPTS, BOXES, CLICKS, DETECTOR, EMBEDDER, EMBEDDINGS, MASKS, SEGMENTER, TEXT_PROMPTS, model_type, register,
+    BOX_PROMPTS, BOXES, CLICKS, DETECTOR, EMBEDDER, EMBEDDINGS, MASKS, SEGMENTER, TEXT_PROMPTS, TRACKER, model_type,
+    register,
 )
 from .sam import EmbeddingCache, choose_multimask, image_key
+from .sam2_video import Features, MemoryTracking, TrackerCore
 from .tiny import write_tiny_sam3
 
 log = logging.getLogger(__name__)
@@ -120,9 +122,9 @@ def _split(batch, n: int) -> list:
     ) for i in range(n)]
 
 
-@register("sam3", "sam3_video", roles=(DETECTOR, SEGMENTER, EMBEDDER),
+@register("sam3", "sam3_video", roles=(DETECTOR, SEGMENTER, EMBEDDER, TRACKER),
           capabilities=(BOXES, MASKS, TEXT_PROMPTS, BOX_PROMPTS, CLICKS, EMBEDDINGS), tiny={"sam3": write_tiny_sam3})
-class Sam3:
+class Sam3(MemoryTracking):
     gives_masks = True  # every box comes with SAM 3's own mask: the engine runs no segmenter for them
     finds_exemplars = True
 
@@ -144,6 +146,7 @@ class Sam3:
         self.cache = EmbeddingCache(cache_size)
         self._texts: OrderedDict[str, tuple] = OrderedDict()
         self._lock = threading.RLock()
+        self._tracker_core: TrackerCore | None = None
 
     @property
     def clicks(self) -> bool:
@@ -322,6 +325,25 @@ class Sam3:
         if not masks:
             return np.zeros((0, h, w), bool), np.zeros(0, np.float32)
         return np.stack(masks), np.array(scores, np.float32)
+
+    # -- video (the `Tracker` interface: `start()` a session, see sam2_video.py) -------------------------------------
+    def tracker_core(self) -> TrackerCore:
+        """SAM 3's tracker on frames encoded by the shared backbone, through the tracker's own neck."""
+        if not self.clicks:
+            raise ConfigError(f"{self.model_id} is a detector-only SAM 3 checkpoint (no tracker): video tracking needs "
+                              f"the full facebook/sam3 checkpoint or a --tracker")
+        if self._tracker_core is None:
+            from transformers.models.sam3_tracker_video.modeling_sam3_tracker_video import (
+                Sam3TrackerVideoInferenceSession,
+            )
+
+            self._tracker_core = TrackerCore(self._video.tracker_model, self._tracker_features,
+                                             Sam3TrackerVideoInferenceSession, self.device, self.dtype, self._lock)
+        return self._tracker_core
+
+    def _tracker_features(self, frame: np.ndarray) -> Features:
+        maps, positions = self._video.get_vision_features_for_tracker(self._vision([frame], keep=False)[0])
+        return list(maps), list(positions)
 
     # -- embeddings (review) ---------------------------------------------------------------------------------------
     @torch.inference_mode()

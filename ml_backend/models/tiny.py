@@ -1,5 +1,5 @@
 """Tiny randomly initialised models, written offline in the standard saved format, one writer per kind: Grounding
-DINO, MM-Grounding-DINO, OWLv2, OWL-ViT, SAM, CLIP, SigLIP and the distilled student.
+DINO, MM-Grounding-DINO, OWLv2, OWL-ViT, SAM, SAM 3, SAM 2 video, CLIP, SigLIP and the distilled student.
 
 They exercise exactly the loading and inference code that real weights use; tests and CI run on them. Each model
 family names its writers in its registration (`registry.register(tiny=...)`); `write_tiny_kinds` writes them all."""
@@ -215,9 +215,12 @@ def write_tiny_classifier(out: Path, seed: int = 0, family: str = "clip") -> Pat
     return out
 
 
-def write_tiny_sam3(out: Path, seed: int = 0) -> Path:
+def write_tiny_sam3(out: Path, seed: int = 0, width: int = 32) -> Path:
     """A tiny random SAM 3 saved as the hub's `facebook/sam3` is (`sam3_video`: the concept detector and the click
-    tracker on one backbone), 112 px input, 20 queries, with the character-level CLIP tokenizer."""
+    tracker on one backbone), 112 px input, 20 queries, with the character-level CLIP tokenizer. `width` is the
+    feature width the detector heads and the tracker share; video tracking needs 128 (the memory attention reads
+    64-channel memories, fixed in transformers, and splits object pointers into memory-sized tokens, so the width
+    must be a multiple of 64 above it); clicks and detection work at any width."""
     from transformers import (
         Sam3Config, Sam3ImageProcessor, Sam3Processor, Sam3TrackerVideoConfig, Sam3VideoConfig, Sam3VideoModel,
     )
@@ -226,26 +229,63 @@ def write_tiny_sam3(out: Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = clip_tokenizer(32)
     small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    wide = small | dict(hidden_size=width)
     backbone = small | dict(model_type="sam3_vit_model", num_hidden_layers=2, image_size=112, patch_size=14,
                             window_size=4, global_attn_indexes=[1], pretrain_image_size=56)
     text = small | dict(vocab_size=len(tokenizer), projection_dim=32, num_hidden_layers=2, max_position_embeddings=32,
                         pad_token_id=0, bos_token_id=len(tokenizer) - 2, eos_token_id=len(tokenizer) - 1)
-    vision = dict(backbone_config=backbone, fpn_hidden_size=32, backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]])
+    vision = dict(backbone_config=backbone, fpn_hidden_size=width, backbone_feature_sizes=[[32, 32], [16, 16], [8, 8]])
     detector = Sam3Config(
-        vision_config=vision, text_config=text, geometry_encoder_config=small | dict(num_layers=1),
-        detr_encoder_config=small | dict(num_layers=1), detr_decoder_config=small | dict(num_layers=1, num_queries=20),
-        mask_decoder_config=dict(hidden_size=32, num_attention_heads=2),
+        vision_config=vision, text_config=text, geometry_encoder_config=wide | dict(num_layers=1),
+        detr_encoder_config=wide | dict(num_layers=1), detr_decoder_config=wide | dict(num_layers=1, num_queries=20),
+        mask_decoder_config=dict(hidden_size=width, num_attention_heads=2),
     )
     tracker = Sam3TrackerVideoConfig(
-        vision_config=vision, prompt_encoder_config=dict(hidden_size=32, image_size=112, patch_size=14),
-        mask_decoder_config=dict(hidden_size=32, num_attention_heads=2, mlp_dim=64, iou_head_hidden_dim=32),
-        image_size=112, memory_attention_hidden_size=32, memory_attention_num_layers=1,
+        vision_config=vision, prompt_encoder_config=dict(hidden_size=width, image_size=112, patch_size=14),
+        mask_decoder_config=dict(hidden_size=width, num_attention_heads=2, mlp_dim=64, iou_head_hidden_dim=32),
+        image_size=112, memory_attention_hidden_size=width, memory_attention_num_layers=1,
         memory_attention_feed_forward_hidden_size=64, memory_attention_rope_feat_sizes=[8, 8],
-        memory_encoder_hidden_size=32, memory_encoder_output_channels=16, mask_downsampler_embed_dim=32,
-        memory_fuser_embed_dim=32, memory_fuser_intermediate_dim=64, memory_fuser_num_layers=1,
+        memory_encoder_hidden_size=width, memory_encoder_output_channels=64 if width > 64 else width // 2,
+        mask_downsampler_embed_dim=width,
+        memory_fuser_embed_dim=width, memory_fuser_intermediate_dim=64, memory_fuser_num_layers=1,
     )
     config = Sam3VideoConfig(detector_config=detector.to_dict(), tracker_config=tracker.to_dict())
     Sam3VideoModel(config).eval().save_pretrained(out)
     image_processor = Sam3ImageProcessor(size={"height": 112, "width": 112}, mask_size={"height": 32, "width": 32})
     Sam3Processor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    return out
+
+
+SAM2_VIDEO_SIZE = 128  # input side; features at 32, 16 and 8 cells
+
+
+def write_tiny_sam2_video(out: Path, seed: int = 0) -> Path:
+    """A tiny random SAM 2 video model (`sam2_video`, as the hub's `facebook/sam2.1-hiera-*`; ~1.3M parameters),
+    128 px input, with its processor. The memory attention reads 64-channel memories (fixed in transformers) and
+    object pointers are split into memory-sized tokens, so the hidden size is twice that."""
+    from transformers import Sam2ImageProcessor, Sam2VideoConfig, Sam2VideoModel, Sam2VideoProcessor, Sam2VideoVideoProcessor
+
+    torch.manual_seed(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    size, hidden = SAM2_VIDEO_SIZE, 128
+    backbone = dict(
+        model_type="sam2_hiera_det_model", hidden_size=16, num_attention_heads=1, image_size=[size, size],
+        blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[16, 32, 64, 128], num_attention_heads_per_stage=[1, 1, 2, 2],
+        window_size_per_stage=[4, 4, 4, 4], global_attention_blocks=[3], window_positional_embedding_background_size=[4, 4],
+    )
+    vision = dict(model_type="sam2_vision_model", backbone_config=backbone, backbone_channel_list=[128, 64, 32, 16],
+                  backbone_feature_sizes=[[size // 4] * 2, [size // 8] * 2, [size // 16] * 2], fpn_hidden_size=hidden)
+    config = Sam2VideoConfig(
+        vision_config=vision, prompt_encoder_config=dict(hidden_size=hidden, image_size=size, patch_size=16),
+        mask_decoder_config=dict(hidden_size=hidden, mlp_dim=64, num_attention_heads=2, iou_head_hidden_dim=32),
+        image_size=size, memory_attention_hidden_size=hidden, memory_attention_num_layers=1,
+        memory_attention_feed_forward_hidden_size=128, memory_attention_rope_feat_sizes=[size // 16] * 2,
+        memory_encoder_hidden_size=hidden, memory_encoder_output_channels=64, mask_downsampler_embed_dim=hidden,
+        memory_fuser_embed_dim=hidden, memory_fuser_intermediate_dim=64, memory_fuser_num_layers=1,
+    )
+    Sam2VideoModel(config).eval().save_pretrained(out)
+    image_processor = Sam2ImageProcessor(size={"height": size, "width": size},
+                                         mask_size={"height": size // 4, "width": size // 4})
+    video_processor = Sam2VideoVideoProcessor(size={"height": size, "width": size})
+    Sam2VideoProcessor(image_processor=image_processor, video_processor=video_processor, target_size=size).save_pretrained(out)
     return out
