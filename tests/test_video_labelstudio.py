@@ -15,7 +15,6 @@ from ml_backend.engine import Engine
 from ml_backend.labelstudio.annotate import ERROR_KEY, run_annotate
 from ml_backend.labelstudio.server import create_app
 from ml_backend.models.registry import write_tiny
-from ml_backend.ontology import PromptsFile
 from ml_backend.settings import Settings
 from ml_backend.video.synthetic import Mover, write_video
 
@@ -142,7 +141,7 @@ def test_annotate_a_video_project_task_by_task_and_resume(label_studio, ls, vide
         data = ls.tasks.get(id=task).data
         predictions = list(ls.predictions.list(task=task))
         if data["video"].endswith("cut.webm"):
-            assert not predictions and "truncated" in data[ERROR_KEY] or "corrupt" in data[ERROR_KEY]
+            assert not predictions and ("truncated" in data[ERROR_KEY] or "corrupt" in data[ERROR_KEY])
         else:
             (prediction,) = predictions
             check_prediction(prediction, report.model_version)

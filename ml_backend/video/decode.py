@@ -158,7 +158,8 @@ class VideoReader:
         except av.error.FFmpegError as exc:
             raise VideoDecodeError(f"video {self.source} is corrupt at frame {index}: {_why(exc)}") from None
         if index == 0:
-            raise VideoDecodeError(f"video {self.source} has no frames that decode ({self.info.describe()})")
+            raise VideoDecodeError(f"video {self.source} has no frames that decode: it is corrupt or truncated "
+                                   f"(it declares {self.info.describe()})")
         declared, interval = int(self.stream.frames or 0), 1 / self.info.fps if self.info.fps else 0.0
         if declared and index < declared - max(2, declared // 100):
             raise VideoDecodeError(f"video {self.source} is truncated: {index} of its {declared} frames decode")
