@@ -420,3 +420,27 @@ def test_an_unreachable_server_and_a_frame_that_does_not_decode_are_named(cvat, 
     result = run_track(cvat, setup, 8, CVAT_ACCESS_TOKEN=TOKEN)
     assert result.exit_code == 2 and "frame 3 of CVAT task 8 does not decode" in result.output, result.output
     assert cvat.written == []
+
+
+def test_a_tiny_sam2_video_tracker_follows_objects_between_detection_frames(cvat, setup, tmp_path):
+    from ml_backend.models.registry import tiny_kinds, write_tiny
+
+    if "sam2-video" not in tiny_kinds():
+        pytest.skip("no tiny sam2-video tracker in this checkout")
+    tracker = write_tiny(tmp_path / "tiny", ["sam2-video"])["sam2-video"]
+    kept = video_task(cvat, deleted=(9,))
+    args = ["cvat", "track", "21", "--url", cvat.url, "--prompts", str(setup.prompts), "--detector", setup.detector,
+            "--tracker", tracker, "--allow-unmatched-labels"]
+    env = setup.env | {"CVAT_ACCESS_TOKEN": TOKEN, "PRELABEL_VIDEO_DETECT_EVERY": "5"}
+    result = CliRunner().invoke(app, args, env=env, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert cvat.frames_read(21) == [(n, "original") for n in kept]
+    [(method, _, body)] = cvat.written
+    tracks = body["tracks"]
+    assert method == "PATCH" and tracks and {t["label_id"] for t in tracks} <= {11, 12}
+    for track in tracks:
+        frames = [s["frame"] for s in track["shapes"]]
+        assert frames == sorted(set(frames)) and track["frame"] == frames[0] and 0 <= frames[0] and frames[-1] < 16
+        assert all(s["outside"] == (k == len(frames) - 1) for k, s in enumerate(track["shapes"]) if s["outside"])
+    # the tracker carries objects across frames the detector did not run on: some track spans several frames
+    assert max(t["shapes"][-1]["frame"] - t["frame"] for t in tracks) >= 2
