@@ -167,9 +167,10 @@ def cvat_errors(url: str, task_id: int | str):
 
 
 def refusal(status: int | None, body, url: str, task_id: int | str) -> str:
+    """CVAT's answer to a refused request, with what to check."""
     detail = body.decode(errors="replace") if isinstance(body, bytes) else str(body or "")
     detail = " ".join(detail.split())[:300]
-    if status in (401, 403) and "login" not in detail.lower():
+    if status in (401, 403):
         return (f"CVAT at {url} refused the credentials ({status}: {detail}): check --token / CVAT_ACCESS_TOKEN "
                 f"or --user/--password (CVAT_USER/CVAT_PASSWORD), and access to task {task_id}")
     if status == 400 and ("credentials" in detail.lower() or "log in" in detail.lower()):
