@@ -529,6 +529,41 @@ def cvat_spec(
             typer.echo(f"wrote {path}")
 
 
+@cvat.command("track")
+def cvat_track(
+    task_id: int = typer.Argument(..., help="CVAT task id: a video, or a sequence of images."),
+    url: str = typer.Option(..., envvar="CVAT_URL", help="CVAT address, e.g. http://localhost:8080 (CVAT_URL)."),
+    token: Optional[str] = typer.Option(None, envvar="CVAT_ACCESS_TOKEN", help="CVAT personal access token (CVAT_ACCESS_TOKEN)."),
+    user: Optional[str] = typer.Option(None, envvar="CVAT_USER", help="CVAT user name, with --password (CVAT_USER)."),
+    password: Optional[str] = typer.Option(None, envvar="CVAT_PASSWORD", help="CVAT password (CVAT_PASSWORD)."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompts file: labels (matched to the task's by name) and prompts."),
+    detector: Optional[str] = typer.Option(None, help="Detector: hub id or local directory."),
+    tracker: Optional[str] = typer.Option(None, help="Video tracker between detection frames: hub id, local directory, or 'none' (detector on every frame)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
+    replace: bool = typer.Option(False, "--replace", help="Replace the task's annotations (default: add the tracks to them)."),
+    allow_unmatched_labels: bool = typer.Option(False, "--allow-unmatched-labels", help="Skip prompts labels the task lacks (default: an error)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
+):
+    """Pre-annotate a CVAT video or frame-sequence task with tracks: one rectangle track per object (keyframes
+    only where CVAT's interpolation needs them), uploaded in one request."""
+    from .cvat.tracks import connect, cvat_errors, frames_bar, open_task, track_task
+    from .engine import Engine
+    from .ontology import PromptsFile
+
+    _logging(verbose)
+    warn = lambda line: typer.secho(line, fg="yellow", err=True)  # noqa: E731
+    with _failing():
+        settings = _settings(prompts=prompts, detector=detector, tracker=tracker, device=device, segmenter="")
+        names = list(PromptsFile.load(settings.prompts).ontology().names)
+        with cvat_errors(url, task_id), connect(url, token, user, password) as client:
+            opened = open_task(client, task_id, names, allow_unmatched_labels, warn)  # before models load
+            engine = Engine.from_settings(settings)
+            with frames_bar(task_id) as bar:
+                summary = track_task(opened, engine, settings.keyframe_tolerance, replace, bar)
+    for line in summary.lines():
+        typer.echo(line)
+
+
 prompts_app = typer.Typer(help="Prompt workbench: compare candidate prompts and detectors on corrected samples.",
                           no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(prompts_app, name="prompts")
