@@ -3,7 +3,8 @@
 #
 #   cvat_nuclio/deploy.sh [--gpu] [FUNCTION ...]    (default: cvat_nuclio/grounding_dino cvat_nuclio/sam)
 #
-# A FUNCTION is a folder, or the name of one here: grounding_dino, sam, sam3 (SAM 3: text prompts -> masks).
+# A FUNCTION is a folder, or the name of one here: grounding_dino, sam, sam3 (SAM 3: text prompts -> masks),
+# sam2_tracker (SAM 2 video: follows a box from frame to frame, CVAT's "tracker" functions).
 #
 # Needs docker, nuctl (the version your CVAT's docker-compose.serverless.yml names) and a running CVAT started with
 # that compose file. Environment: CVAT_NETWORK (default cvat_cvat), NUCTL (default nuctl), DOCKER (default docker).
