@@ -174,6 +174,20 @@ def test_sam3s_tracker_follows_objects_on_sam3s_backbone(tmp_path):
     bounded.drop([5])
     check_answer(bounded.step(square_frame(12)[0]), {6})
     assert bounded.stored_frames()["frames"] == 1
+    # served as detector and tracker (`--detector X --tracker X`), SAM 3 is one model: it finds and follows
+    from ml_backend.engine import Engine
+    from ml_backend.media import Frame
+    from ml_backend.ontology import PromptsFile
+    from ml_backend.settings import Settings
+
+    engine = Engine(tracker, None, PromptsFile.model_validate({"box_threshold": 0.0, "labels": {"Car": "car"}}),
+                    Settings(detector=str(path), segmenter="", tracker=str(path), model_dir=tmp_path,
+                             video_detect_every=3, max_detections=2))
+    assert engine.tracker() is tracker
+    tracks, times = engine.track(((Frame(i, i / 10), square_frame(i)[0]) for i in range(7)), engine.ontology())
+    assert times == [i / 10 for i in range(7)] and tracks
+    for t in tracks:
+        assert t.label == "Car" and 0 <= t.first and t.last <= 6 and t.boxes.shape == (t.last - t.first + 1, 4)
 
 
 def test_a_detector_only_sam3_checkpoint_cannot_track(tmp_path):
