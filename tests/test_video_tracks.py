@@ -130,3 +130,22 @@ def test_config_framerate_from_task_data():
         control.fps({})
     with pytest.raises(Exception, match="must be positive"):
         VideoControl("box", "video", "video", ("car",), "0").fps({})
+
+
+def test_video_configs_parse_and_bad_ones_are_named():
+    from ml_backend.errors import ConfigError
+    from ml_backend.labelstudio.config import parse_config
+
+    config = parse_config('<View><Video name="v" value="$clip" framerate="$fps"/><VideoRectangle name="box" toName="v"/>'
+                          '<Labels name="l" toName="v"><Label value="Car" predicted_values="car,truck"/>'
+                          '<Label value="Exclude"/></Labels><TextArea name="note" toName="v"/></View>')
+    assert config.videos == [VideoControl("box", "v", "clip", ("Car",), "$fps")]
+    assert config.labels == ["Car"] and config.predicted_values == {"Car": ["car", "truck"]}
+    assert config.others == ("note",) and not config.controls
+    with pytest.raises(ConfigError, match=r"<VideoRectangle name='box'> on <Video name='v'> has no <Labels>"):
+        parse_config('<View><Video name="v" value="$clip"/><VideoRectangle name="box" toName="v"/></View>')
+    with pytest.raises(ConfigError, match=r"<Video name='v'> must take its URL from task data"):
+        parse_config('<View><Video name="v" value="http://x/a.mp4"/><VideoRectangle name="box" toName="v"/>'
+                     '<Labels name="l" toName="v"><Label value="Car"/></Labels></View>')
+    assert parse_config('<View><Video name="v" value="$clip"/><VideoRectangle name="box" toName="v"/><Labels name="l" '
+                        'toName="v"><Label value="Car"/></Labels></View>').videos[0].fps({}) == 24.0  # Label Studio's default

@@ -221,15 +221,19 @@ def _choice_control(tag, to_name: str, data_key: str) -> ChoiceControl:
     )
 
 
-def _images(interface, tag):
-    """(name, task data key) of each <Image> the control labels; other objects are not ours."""
+def _objects(interface, tag, kind: str = "Image"):
+    """(name, object, task data key) of each <Image> (or `kind`) the control labels; other objects are not ours."""
     for to_name in tag.to_name:
         obj = interface.get_object(to_name)
-        if obj is None or obj.tag != "Image":
+        if obj is None or obj.tag != kind:
             continue
         if not obj.value.startswith("$"):
-            raise ConfigError(f"<Image name={to_name!r}> must take its URL from task data (value=\"$key\")")
-        yield to_name, obj.value_name
+            raise ConfigError(f"<{kind} name={to_name!r}> must take its URL from task data (value=\"$key\")")
+        yield to_name, obj, obj.value_name
+
+
+def _images(interface, tag):
+    return ((name, key) for name, _, key in _objects(interface, tag))
 
 
 def _videos(interface) -> list[VideoControl]:
@@ -238,19 +242,14 @@ def _videos(interface) -> list[VideoControl]:
     for tag in interface.controls:
         if tag.tag != "VideoRectangle":
             continue
-        for to_name in tag.to_name:
-            obj = interface.get_object(to_name)
-            if obj is None or obj.tag != "Video":
-                continue
-            if not obj.value.startswith("$"):
-                raise ConfigError(f"<Video name={to_name!r}> must take its URL from task data (value=\"$key\")")
+        for to_name, obj, key in _objects(interface, tag, "Video"):
             labels = [name for t in interface.controls if t.tag == "Labels" and to_name in t.to_name
                       for name in (t.labels_attrs or {}) if not is_exclude(name)]
             if not labels:
                 raise ConfigError(f"<VideoRectangle name={tag.name!r}> on <Video name={to_name!r}> has no <Labels> "
                                   f"on that video to label its boxes with")
             rate = str((obj.attr or {}).get("framerate") or "24")
-            out.append(VideoControl(tag.name, to_name, obj.value_name, tuple(dict.fromkeys(labels)), rate))
+            out.append(VideoControl(tag.name, to_name, key, tuple(dict.fromkeys(labels)), rate))
     return out
 
 
