@@ -487,13 +487,14 @@ class Engine:
         """The image version plus the tracker, the detection interval and the keyframe tolerance."""
         s = self.settings
         tracker = _short(self.tracker_ref) if self.tracker_ref else "notracker"
-        knobs = f"{s.video_detect_every if self.tracker_ref else 1}/{s.keyframe_tolerance:g}"
+        knobs = f"{s.video_detect_every if self.tracker_ref else 1}/{s.video_track_fps:g}/{s.keyframe_tolerance:g}"
         digest = hashlib.sha256(f"{self.model_version(ontology)} {tracker} {knobs}".encode()).hexdigest()[:10]
         return f"{self.base_version}+{tracker}-{digest}"
 
-    def track(self, frames, ontology: Ontology, progress=None):
+    def track(self, frames, ontology: Ontology, progress=None, fps: float | None = None):
         """Tracks of `ontology`'s labels over decoded `frames` ((Frame, RGB) pairs): the detector every
-        PRELABEL_VIDEO_DETECT_EVERY frames, the tracker between (see `video/track.py`). Returns (tracks, times)."""
+        PRELABEL_VIDEO_DETECT_EVERY frames, the tracker between, on at most about PRELABEL_VIDEO_TRACK_FPS frames
+        per second of a video of `fps` (see `video/track.py`). Returns (tracks, times)."""
         from .video.track import TrackOptions, track_frames
 
         if not ontology.labels:
@@ -503,7 +504,9 @@ class Engine:
         def detect(image: np.ndarray) -> sv.Detections:
             return self.detect([image], ontology)[0]
 
-        return track_frames(frames, detect, tracker, TrackOptions(every=self.settings.video_detect_every), progress)
+        track_every = max(1, int(fps // self.settings.video_track_fps)) if fps else 1
+        options = TrackOptions(every=self.settings.video_detect_every, track_every=track_every)
+        return track_frames(frames, detect, tracker, options, progress)
 
     def require_clicker(self) -> Segmenter:
         if (clicker := self.clicker) is None:

@@ -46,6 +46,7 @@ class Settings(BaseSettings):
 
     # Video (see README "Video"): the detector runs every `video_detect_every` frames, the tracker in between.
     video_detect_every: int = Field(10, ge=1)
+    video_track_fps: float = Field(8.0, gt=0)  # the tracker steps on about this many frames per second of video
     keyframe_tolerance: float = Field(2.0, ge=0)  # px: Label Studio's interpolation between keyframes stays this close
     max_video_seconds: float = Field(600.0, gt=0)
     max_video_bytes: int = Field(2 * 2**30, ge=1)

@@ -149,3 +149,69 @@ def test_video_configs_parse_and_bad_ones_are_named():
                      '<Labels name="l" toName="v"><Label value="Car"/></Labels></View>')
     assert parse_config('<View><Video name="v" value="$clip"/><VideoRectangle name="box" toName="v"/><Labels name="l" '
                         'toName="v"><Label value="Car"/></Labels></View>').videos[0].fps({}) == 24.0  # Label Studio's default
+
+
+class TruthTracker:
+    """A tracker that knows the video (its ground truth): an object given by a box follows the mover whose box that
+    is. It stands for a tracker that never errs, so that what is checked is how the pipeline uses one: which frames
+    it steps on, how the boxes between are filled, when tracks end. `clock()` says which frame is being fed."""
+
+    model_id = "truth"
+
+    def __init__(self, truth, clock):
+        self.truth, self.clock, self.stepped = truth, clock, []
+
+    def start(self):
+        tracker, objects = self, {}
+
+        class Session:
+            def step(self, frame, new=None):
+                n = tracker.clock()
+                tracker.stepped.append(n)
+                for obj, box in (new or {}).items():
+                    objects[obj] = next(k for k, t in tracker.truth.items()
+                                        if t.first <= n < t.first + len(t.boxes) and np.allclose(t.boxes[n - t.first], box))
+                out = {}
+                for obj, k in objects.items():
+                    t = tracker.truth[k]
+                    seen = t.first <= n < t.first + len(t.boxes)
+                    out[obj] = (t.boxes[n - t.first] if seen else None, float(seen))
+                return out
+
+            def drop(self, ids):
+                for obj in ids:
+                    objects.pop(obj, None)
+
+        return Session()
+
+
+def test_the_tracker_steps_on_every_kth_frame_and_detection_frames_and_the_rest_is_interpolated(video):
+    from ml_backend.video.track import VideoTracking
+
+    path, truth = video
+    fed: list[int] = []
+    tracker = TruthTracker(truth, lambda: fed[-1])
+    tracking = VideoTracking(lambda image: truth_boxes(truth, fed[-1]), tracker, TrackOptions(every=8, track_every=3))
+    with VideoReader(path) as reader:
+        for n, (_, image) in enumerate(reader.frames()):
+            fed.append(n)
+            tracking.feed(image)
+    tracks = tracking.finish()
+    assert tracker.stepped == [n for n in range(N) if n % 3 == 0 or n % 8 == 0]
+    assert [(t.label, t.first, t.last, t.ended) for t in tracks] == [
+        ("car", 0, 39, False), ("person", 8, 30, True), ("car", 16, 39, False)]
+    for track, k in zip(tracks, [0, 1, 2]):
+        start = track.first - truth[k].first
+        off = np.abs(track.boxes - truth[k].boxes[start:start + len(track.boxes)]).max()
+        assert off < 8, off  # exact where it stepped, linear between (the person's path bends a little)
+        stepped = [n - track.first for n in tracker.stepped if track.first <= n <= track.last]
+        assert np.array_equal(track.boxes[stepped], truth[k].boxes[start:][stepped])
+
+
+def truth_boxes(truth, n):
+    boxes, names = [], []
+    for track in truth.values():
+        if track.first <= n < track.first + len(track.boxes):
+            boxes.append(track.boxes[n - track.first])
+            names.append(track.label)
+    return make_detections(np.array(boxes).reshape(-1, 4), np.full(len(boxes), 0.8), np.zeros(len(boxes), int), names)

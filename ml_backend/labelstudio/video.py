@@ -82,7 +82,7 @@ def predict_video(backend: LabelStudioBackend, task: dict, config: ProjectConfig
                                 "Studio will step through it at the wrong rate (set framerate=\"%.3f\")",
                                 tid, control.to_name, fps, info.fps, info.fps)
                 try:
-                    tracks, times = engine.track(reader.frames(), ontology, progress)
+                    tracks, times = engine.track(reader.frames(), ontology, progress, info.fps)
                 except PrelabelError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - a model failure: this video's task fails, the rest go on

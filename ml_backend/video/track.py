@@ -9,6 +9,11 @@ in a row have not confirmed it (the tracker drifted onto something the detector 
 tracks that settle on the same object (IoU >= `duplicate_iou`) the less confirmed one ends. A track's score is the
 mean confidence of the detections that confirmed it.
 
+The tracker need not see every frame: with `track_every` k > 1 (from PRELABEL_VIDEO_TRACK_FPS: SAM 2 learnt from
+videos annotated at 6 frames per second) it steps on every k-th frame and on detection frames, and the boxes between
+are interpolated linearly, as Label Studio and CVAT interpolate between keyframes anyway. Gaps are counted in the
+frames the tracker looked at.
+
 Without a tracker the detector runs on every frame and detections are linked by overlap alone (slower, but nothing
 more to download).
 """
@@ -31,6 +36,7 @@ from ..types import CLASS_NAME
 @dataclass
 class TrackOptions:
     every: int = 10  # detector every N frames (1 without a tracker)
+    track_every: int = 1  # tracker every N frames (and on detection frames); boxes between are interpolated
     match_iou: float = 0.3
     max_gap: int = 5  # frames a tracked object may vanish for (occlusion) before its track ends
     stale_rounds: int = 3
@@ -57,17 +63,27 @@ class VideoTrack:
         return float(np.mean(self.scores)) if self.scores else 0.0
 
 
+SKIP = "skip"  # a frame the tracker did not look at (between its steps): interpolated
+
+
 @dataclass
 class _Open:
     label: str
     first: int
-    boxes: list[np.ndarray | None] = field(default_factory=list)
+    boxes: list = field(default_factory=list)  # per frame: a box, None (looked, not seen) or SKIP
     scores: list[float] = field(default_factory=list)
     stale: int = 0
 
+    def known(self) -> list[int]:
+        return [k for k, b in enumerate(self.boxes) if isinstance(b, np.ndarray)]
+
+    def lost(self) -> int:
+        """Frames looked at since it was last seen."""
+        return sum(b is None for b in self.boxes[self.seen() + 1:])
+
     def predicted(self) -> np.ndarray | None:
         """Where it should be on the next frame: its last box moved on at the speed between its last two boxes."""
-        known = [k for k, b in enumerate(self.boxes) if b is not None][-2:]
+        known = self.known()[-2:]
         if not known:
             return None
         last = self.boxes[known[-1]]
@@ -78,12 +94,14 @@ class _Open:
 
     def seen(self) -> int:
         """Index (into boxes) of the last frame it was seen on."""
-        return max(k for k, b in enumerate(self.boxes) if b is not None)
+        return self.known()[-1]
 
     def close(self, ended: bool) -> VideoTrack:
-        boxes = self.boxes[: self.seen() + 1]
-        known = [k for k, b in enumerate(boxes) if b is not None]
-        filled = np.array([np.interp(np.arange(len(boxes)), known, [boxes[k][c] for k in known]) for c in range(4)]).T
+        """Up to the last frame seen (or, still there at the end of the video, to its last frame), gaps
+        interpolated."""
+        stop = self.seen() + 1 if ended or self.lost() else len(self.boxes)
+        known = self.known()
+        filled = np.array([np.interp(np.arange(stop), known, [self.boxes[k][c] for k in known]) for c in range(4)]).T
         return VideoTrack(self.label, self.first, filled.reshape(-1, 4), self.scores, ended)
 
 
@@ -101,6 +119,7 @@ class VideoTracking:
         self.detect = detect
         self.session = tracker.start() if tracker is not None else None
         self.every = options.every if tracker is not None else 1
+        self.track_every = options.track_every if tracker is not None else 1
         self.options = options
         self.open: dict[int, _Open] = {}
         self.done: list[VideoTrack] = []
@@ -117,6 +136,11 @@ class VideoTracking:
                                    f"{self.size[1]}x{self.size[0]}")
         new: dict[int, np.ndarray] = {}
         matched: dict[int, np.ndarray] = {}
+        if n % self.every and n % self.track_every:  # neither detector nor tracker looks at this frame
+            for track in self.open.values():
+                track.boxes.append(SKIP)
+            self.frames += 1
+            return
         if n % self.every == 0:
             matched, new = self._detect(image, n)
         seen = self.session.step(image, new) if self.session is not None else {}
@@ -171,13 +195,13 @@ class VideoTracking:
     def _end_lost(self) -> None:
         gone = []
         for tid, track in self.open.items():
-            if not any(b is not None for b in track.boxes):
+            if not track.known():
                 gone.append((tid, None))
-            elif len(track.boxes) - 1 - track.seen() > self.options.max_gap:
+            elif track.lost() > self.options.max_gap:
                 gone.append((tid, True))
             elif self.session is not None and track.stale >= self.options.stale_rounds:
                 gone.append((tid, True))
-        live = [(t, tr) for t, tr in self.open.items() if tr.boxes[-1] is not None]
+        live = [(t, tr) for t, tr in self.open.items() if isinstance(tr.boxes[-1], np.ndarray)]
         for i, (a, ta) in enumerate(live):
             for b, tb in live[i + 1:]:
                 if ta.label == tb.label and iou_matrix(ta.boxes[-1][None], tb.boxes[-1][None])[0, 0] >= self.options.duplicate_iou:
@@ -193,8 +217,8 @@ class VideoTracking:
     def finish(self) -> list[VideoTrack]:
         """The tracks, by first frame; those still open run to the end of the video."""
         for track in self.open.values():
-            if any(b is not None for b in track.boxes):
-                self.done.append(track.close(ended=track.seen() < len(track.boxes) - 1))
+            if track.known():
+                self.done.append(track.close(ended=track.lost() > 0))
         self.open.clear()
         return sorted(self.done, key=lambda t: (t.first, t.label))
 
