@@ -216,15 +216,18 @@ SHAPES = {"square": (300, 300), "tall-thin": (1000, 20), "1-px-high": (1, 200), 
 @pytest.fixture(scope="module")
 def tiny_kind_models(tmp_path_factory, tiny_models):
     """Every tiny kind built for its roles, once, plus the default tiny detector (for SAM's boxes)."""
-    from ml_backend.models import build_embedder
+    from ml_backend.models import build_embedder, build_tracker
     from ml_backend.models.classifier import build_classifier
-    from ml_backend.models.registry import CLASSIFIER, DETECTOR, EMBEDDER, SEGMENTER
-    from ml_backend.models.tiny import write_tiny_kinds
+    from ml_backend.models.registry import CLASSIFIER, DETECTOR, EMBEDDER, SEGMENTER, TRACKER
+    from ml_backend.models.tiny import write_tiny_kinds, write_tiny_sam3
 
     cpu, root = torch.device("cpu"), tmp_path_factory.mktemp("any-shape")
-    builders = {DETECTOR: build_detector, SEGMENTER: build_segmenter, CLASSIFIER: build_classifier,
-                EMBEDDER: lambda ref, model_dir, device: build_embedder(ref, model_dir, device)}
     refs = write_tiny_kinds(root)
+    wide_sam3 = str(write_tiny_sam3(root / "sam3-wide", width=128))  # the tiny SAM 3 is too narrow for video memory
+    builders = {DETECTOR: build_detector, SEGMENTER: build_segmenter, CLASSIFIER: build_classifier,
+                EMBEDDER: lambda ref, model_dir, device: build_embedder(ref, model_dir, device),
+                TRACKER: lambda ref, model_dir, device: build_tracker(wide_sam3 if ref == refs.get("sam3") else ref,
+                                                                      model_dir, device)}
     built = {kind: {role: builders[role](refs[kind], root, cpu) for role in family.roles}
              for kind, (family, _) in tiny_kinds().items()}
     return built, build_detector(str(tiny_models["detector"]), root, cpu)
@@ -255,3 +258,9 @@ def test_every_tiny_kind_takes_square_thin_and_one_pixel_images_through_the_engi
     if "embedder" in roles:  # review embeddings: the image and a box covering it
         whole, boxes = roles["embedder"].embed(image, np.array([[0, 0, w, h]], np.float32))
         assert np.isfinite(whole).all() and boxes.shape[0] == 1 and np.isfinite(boxes).all()
+    if "tracker" in roles:  # a video of such frames: an object given by a box covering the frame, followed
+        session = roles["tracker"].start()
+        for new in ({1: [0, 0, w, h]}, None):
+            (answer,) = session.step(image, new).values()
+            box, score = answer
+            assert 0 <= score <= 1 and (box is None or (0 <= box[0] < box[2] <= w and 0 <= box[1] < box[3] <= h))
