@@ -268,6 +268,7 @@ def test_annotate_names_a_missing_project(label_studio, tiny_models, tmp_path):
     assert result.exit_code == 2 and "Label Studio has no project 987654" in result.output
 
 
+@pytest.mark.slow  # ~9 s: runs the CLI in a subprocess (the full suite runs it)
 def test_folder_mode_fails_only_the_corrupt_image_of_any_shape_and_names_its_file_once(tiny_models, tmp_path):
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)

@@ -46,6 +46,7 @@ def test_serve_starts_with_tiny_models_and_answers_health(tiny_models, tmp_path)
         process.wait(10)
 
 
+@pytest.mark.slow  # ~9 s: starts `prelabel serve` in a subprocess (the full suite runs it)
 def test_serve_fails_at_once_with_one_line_when_weights_are_missing(tmp_path):
     start = time.monotonic()
     done = run_cli("serve", "--detector", "IDEA-Research/grounding-dino-base", HF_HOME=str(tmp_path), MODEL_DIR=str(tmp_path))
