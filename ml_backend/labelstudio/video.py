@@ -46,7 +46,9 @@ def track_region(track: VideoTrack, control: VideoControl, frames: np.ndarray, i
     mine = frames[track.first : track.last + 1]
     first, last = int(mine[0]), int(mine[-1])
     wanted = np.arange(first, last + 1)
-    nearest = np.clip(np.searchsorted(mine, wanted, side="left"), 0, len(mine) - 1)
+    after = np.clip(np.searchsorted(mine, wanted, side="left"), 0, len(mine) - 1)
+    before = np.clip(after - 1, 0, len(mine) - 1)
+    nearest = np.where(np.abs(mine[before] - wanted) < np.abs(mine[after] - wanted), before, after)
     boxes = track.boxes[nearest]
     seq = sequence(first, boxes, info.width, info.height, fps, tolerance, ends=track.ended)
     if not seq:
