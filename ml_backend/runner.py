@@ -27,6 +27,7 @@ class Report:
     seconds: float = 0.0
     model_version: str = ""
     outputs: dict[str, str] = field(default_factory=dict)
+    last_task_id: int = 0  # the highest task id listed (following a project: where the next look starts)
 
     @property
     def ok(self) -> bool:

@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     # Hosts images may come from besides Label Studio: names, *.suffix, IPs or CIDRs; "*" = any public address.
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # Following projects (see README "Data that keeps arriving"): new tasks are pre-annotated as they are created.
+    follow: bool = True  # queue Label Studio's TASKS_CREATED webhooks and pre-annotate those tasks
+    follow_rate: float = Field(0.0, ge=0)  # tasks per second at most (0: no cap); clicks always go first
+    public_url: str | None = None  # this server's address as Label Studio reaches it (for the webhook it adds)
+
     # START_TRAINING runs `prelabel distill --project ID` with these extra arguments (e.g. "--epochs 20").
     distill_args: str = ""
 

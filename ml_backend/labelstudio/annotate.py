@@ -70,11 +70,20 @@ def open_project(client, project_id: int):
 
 
 def pending_tasks(client, project_id: int, version: str, only_unlabeled: bool, limit: int | None,
-                  settled: list[dict] | None = None) -> tuple[list[dict], dict]:
-    """Tasks (id, data) without a prediction of `version` (and, with `only_unlabeled`, without annotations).
-    `settled` collects the tasks that have one but still carry an error of an earlier run."""
+                  settled: list[dict] | None = None, after_id: int | None = None,
+                  seen: list[int] | None = None) -> tuple[list[dict], dict]:
+    """Tasks (id, data) without a prediction of `version` (and, with `only_unlabeled`, without annotations), with
+    ids above `after_id` when given. `settled` collects the tasks that have one but still carry an error of an earlier
+    run; `seen` every id listed."""
     todo, skipped = [], {"already predicted": 0, "labeled": 0}
-    for task in client.tasks.list(project=project_id, fields="all", include=TASK_FIELDS, page_size=PAGE_SIZE):
+    query = None
+    if after_id is not None:
+        newer = {"filter": "filter:tasks:id", "operator": "greater", "type": "Number", "value": after_id}
+        query = json.dumps({"filters": {"conjunction": "and", "items": [newer]}})
+    for task in client.tasks.list(project=project_id, fields="all", include=TASK_FIELDS, page_size=PAGE_SIZE,
+                                  query=query):
+        if seen is not None:
+            seen.append(task.id)
         if version in (task.predictions_model_versions or "").split(","):
             skipped["already predicted"] += 1
             if settled is not None and (task.data or {}).get(ERROR_KEY):
@@ -172,6 +181,7 @@ def annotate_project(
     only_unlabeled: bool = False,
     limit: int | None = None,
     engine: Callable | None = None,
+    after_id: int | None = None,
 ) -> Report:
     """Pre-annotate every pending task of a project. `engine(todo, config_xml, sink, report)` runs the batches
     elsewhere (Ray actors, each with a `TaskPredictor` of the config); by default they run here, images of the next
@@ -181,9 +191,13 @@ def annotate_project(
     ontology = backend.ontology_for(config)
     version = backend.version_for(config, ontology)
     settled: list[dict] = []
-    todo, skipped = pending_tasks(client, project_id, version, only_unlabeled, limit, settled)
+    seen: list[int] = []
+    todo, skipped = pending_tasks(client, project_id, version, only_unlabeled, limit, settled, after_id, seen)
     record_errors(client, project_id, settled, [{} for _ in settled])
     report = Report(total=len(todo), skipped=skipped, model_version=version)
+    report.last_task_id = max(seen, default=after_id or 0)
+    if after_id is not None and not todo:  # following: nothing new since the last look
+        return report
     log.info("project %s: %d tasks to pre-annotate with %s (%s)", project_id, len(todo), version,
              ", ".join(f"{n} {why}" for why, n in skipped.items()))
     selected = project.model_version == version

@@ -35,6 +35,7 @@ from ..errors import (
     describe_validation,
 )
 from ..engine import Engine
+from ..follow import WorkQueue
 from ..jobs import DistillJob
 from ..metrics import Metrics, prometheus
 from .backend import (
@@ -48,6 +49,7 @@ from .backend import (
     project_id,
 )
 from .images import LabelStudioImageSource
+from .follow import ProjectFollower
 from .store import EventStore
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,27 @@ class _Waiter:
             self.loop.call_soon_threadsafe(self._set, value, error)
         except RuntimeError:  # the event loop has closed: the server is shutting down
             pass
+
+
+class _ThreadWaiter:
+    """The same, for a caller on another thread (the follower): `wait()` blocks until done."""
+
+    def __init__(self) -> None:
+        self.queued = time.perf_counter()
+        self._event = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def done(self, value: Any = None, error: BaseException | None = None) -> None:
+        if not self._event.is_set():
+            self._value, self._error = value, error
+            self._event.set()
+
+    def wait(self) -> Any:
+        self._event.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 @dataclass
@@ -182,6 +205,14 @@ class InferenceWorker:
             self._cond.notify()
         return await waiter.future
 
+    def run_batch_blocking(self, fn: Callable[[Callable[[], None]], Any]) -> Any:
+        """`run_batch` from another thread (the follower)."""
+        waiter = _ThreadWaiter()
+        with self._cond:
+            self._jobs.append((waiter, fn))
+            self._cond.notify()
+        return waiter.wait()
+
     def _between(self) -> None:
         while True:
             with self._cond:
@@ -192,13 +223,20 @@ class InferenceWorker:
 
     async def predict(self, batch: LoadedTasks, config, ontology, version: str) -> list[dict]:
         """One entry per task, as `LabelStudioBackend.infer` gives."""
-        job = _BatchJob(_Waiter(), (version, repr(config)), (config, ontology, version), list(batch.entries))
+        return await self._submit(_Waiter(), batch, config, ontology, version).future
+
+    def predict_blocking(self, batch: LoadedTasks, config, ontology, version: str) -> list[dict]:
+        """The same from another thread (the follower), in the batch lane: clicks keep their priority."""
+        return self._submit(_ThreadWaiter(), batch, config, ontology, version).wait()
+
+    def _submit(self, waiter, batch: LoadedTasks, config, ontology, version: str):
+        job = _BatchJob(waiter, (version, repr(config)), (config, ontology, version), list(batch.entries))
         pieces = [_Piece(job, start, part) for start, part in _split(batch, self.max_images)]
         job.pieces = len(pieces)
         with self._cond:
             self._pieces.extend(pieces)
             self._cond.notify()
-        return await job.waiter.future
+        return waiter
 
     def close(self) -> None:
         with self._cond:
@@ -332,14 +370,20 @@ def create_app(engine: Engine, loader: LabelStudioImageSource | None = None, sto
     store = store or EventStore(settings.model_dir / "events.sqlite3")
     backend = LabelStudioBackend(engine, loader, store, metrics)
     worker = InferenceWorker(backend, metrics, settings.batch_size, settings.batch_wait_ms / 1000)
+    follower = ProjectFollower(backend, WorkQueue(settings.model_dir / "follow.sqlite3"), worker.predict_blocking,
+                               worker.run_batch_blocking)
     admitted = {"batch": 0, "interactive": 0}  # requests in flight per lane (touched on the event loop only)
     training = DistillJob(settings.model_dir / "students", DISTILL_COMMAND, settings.distill_args)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if settings.follow:
+            follower.start()
         yield
+        await run_in_threadpool(follower.stop)
         training.stop()
         worker.close()
+        follower.queue.close()
         loader.close()
         store.close()
 
@@ -353,6 +397,7 @@ def create_app(engine: Engine, loader: LabelStudioImageSource | None = None, sto
     app.state.metrics = metrics
     app.state.worker = worker
     app.state.training = training
+    app.state.follower = follower
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes, metrics=metrics)
 
     user = settings.basic_auth_user
@@ -419,6 +464,7 @@ def create_app(engine: Engine, loader: LabelStudioImageSource | None = None, sto
             lookups = cache.get("hits", 0) + cache.get("misses", 0)
             snapshot["embedding_cache"] = cache | {"hit_rate": round(cache.get("hits", 0) / lookups, 4) if lookups else 0.0}
         snapshot["webhook_events"] = store.counts()
+        snapshot["follow"] = follower.queue.stats() | {"on": settings.follow, "rate_cap_per_s": settings.follow_rate}
         snapshot["training"] = training.status()
         if format == "prometheus":
             return PlainTextResponse(prometheus(snapshot), media_type="text/plain; version=0.0.4")
@@ -426,7 +472,22 @@ def create_app(engine: Engine, loader: LabelStudioImageSource | None = None, sto
 
     @app.post("/setup")
     async def setup(req: SetupRequest) -> dict:
-        return await run_in_threadpool(backend.setup, req)
+        answer = await run_in_threadpool(backend.setup, req)
+        known = loader.label_studio_url and loader.label_studio_key
+        if settings.follow and known and (pid := project_id(req.project)) is not None and pid not in followed:
+            followed.add(pid)
+            threading.Thread(target=follow_project, args=(pid,), daemon=True, name="follow-setup").start()
+        return answer
+
+    followed: set[int] = set()
+
+    def follow_project(pid: int) -> None:
+        try:
+            log.info("%s", follower.ensure_webhook(pid))
+        except Exception as exc:  # noqa: BLE001 - Label Studio unreachable or refusing: new tasks then need a poll
+            followed.discard(pid)
+            log.warning("project %s: could not check the webhook for new tasks (%s); `prelabel annotate --project "
+                        "%s --follow` polls instead", pid, exc, pid)
 
     @app.post("/predict", responses={200: {"model": PredictResponse}, 503: {"description": "queue full; see Retry-After"}})
     async def predict(req: PredictRequest) -> Response:
@@ -457,6 +518,12 @@ def create_app(engine: Engine, loader: LabelStudioImageSource | None = None, sto
 
     @app.post("/webhook")
     async def webhook(req: WebhookRequest) -> JSONResponse:
+        if req.action == "TASKS_CREATED":  # queued (committed) before the answer: a crash loses none
+            if not settings.follow:
+                return JSONResponse({"status": "not following (PRELABEL_FOLLOW=false)", "action": req.action})
+            if (pid := project_id(req.project)) is None:
+                raise RequestError("TASKS_CREATED webhook has no project id")
+            return JSONResponse(await run_in_threadpool(follower.created, pid, req.model_dump()), status_code=201)
         status, body = await run_in_threadpool(backend.webhook, req)
         if req.action == "START_TRAINING":
             body["training"] = start_training(req)
