@@ -166,7 +166,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
+    return (0.0 if successes <= 0 else max(0.0, float(centre - half)),
+            1.0 if successes >= n else min(1.0, float(centre + half)))
 
 
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)  # pycocotools' recall thresholds (params.recThrs)

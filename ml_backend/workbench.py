@@ -635,7 +635,7 @@ def print_workbench(report: WorkbenchReport, console=None) -> None:
             won = report.winners.get(label) is r
             best, op = r.best or {}, r.operating
             if targeted and op is not None:
-                point = [f"{op.threshold:.3f}" if op.threshold is not None else "-", cell(op.precision, op.precision_ci),
+                point = [f"{op.threshold:g}" if op.threshold is not None else "-", cell(op.precision, op.precision_ci),
                          cell(op.recall, op.recall_ci), cell(op.f1, op.f1_ci), _target_cell(op)]
             elif targeted:
                 point = ["-"] * 5
