@@ -4,8 +4,10 @@ corrected.
 Every candidate prompt of a label runs alone (an ontology of that one label with that one prompt) at a low score
 threshold, so that the precision/recall curve covers the whole range; the human annotations are the ground truth.
 Per candidate: AP (mAP@[.5:.95]) and AP50 by pycocotools (`evaluation.coco_evaluate`), and the score threshold that
-maximises F1 at IoU 0.5 with its precision and recall. Model outputs are cached per image content, model and prompt
-(`PredictionCache`, one SQLite file), so a new candidate costs only its own runs and a re-run costs none.
+maximises F1 at IoU 0.5 with its precision and recall; with targets (`--target precision=0.95`, see operating.py)
+also its operating point: the threshold that meets the target, P/R/F1 there with 95% intervals. Model outputs are
+cached per image content, model and prompt (`PredictionCache`, one SQLite file), so a new candidate costs only its own
+runs and a re-run costs none.
 With several detectors (e.g. Grounding DINO and SAM 3), each label also gets a teacher comparison: every detector's
 best candidate for it, and the better teacher (`WorkbenchReport.teachers`).
 Writes PR curves (one PNG per label, one curve per candidate and model), `report.json` and a prompts file with the
