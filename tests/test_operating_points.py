@@ -294,3 +294,17 @@ def test_the_distilled_students_model_card_states_its_operating_points(tmp_path)
         served = PromptsFile.model_validate(yaml.safe_load(snippet))
         assert {n: e.threshold for n, e in served.labels.items()} == thresholds
     assert "student operating points on the held-out images" in result.output
+
+
+def test_distill_names_a_bad_target_before_training(tmp_path):
+    from ml_backend.distill.synthetic import generate
+
+    generate(tmp_path / "data", 4, seed=1, size=(64, 64))
+    base = ["distill", "--coco", str(tmp_path / "data" / "annotations.json"), "--images",
+            str(tmp_path / "data" / "images"), "--out", str(tmp_path / "student"), "--image-size", "64"]
+    result = CliRunner().invoke(app, base + ["--target", "Truck:recall=0.5"])
+    assert result.exit_code == 2, result.output
+    assert "label 'Truck' is not in the data; its labels are: 'circle', 'square', 'triangle'" in result.output
+    result = CliRunner().invoke(app, base + ["--target", "precision=2"])
+    assert result.exit_code == 2 and "--target 'precision=2'" in result.output
+    assert not (tmp_path / "student" / "checkpoints").exists()
