@@ -417,7 +417,8 @@ def distill(
     images: Optional[Path] = typer.Option(None, help="--coco: the folder holding the images."),
     predictions: Optional[Path] = typer.Option(None, help="--coco: the teacher's predictions (COCO file or results list), evaluated beside the student."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: MODEL_DIR/students/project-ID or FILE); running again resumes there."),
-    target: str = typer.Option("fcos-resnet18", help="Student architecture: fcos-resnet18 (torchvision FCOS, BSD-3-Clause)."),
+    architecture: str = typer.Option("fcos-resnet18", help="Student architecture: fcos-resnet18 (torchvision FCOS, BSD-3-Clause)."),
+    target: list[str] = typer.Option(None, "--target", help="Operating point of the student on the held-out images: precision=0.95, recall=0.8 or f1=0.9, or LABEL:precision=0.95 for one label (repeatable; a label's own wins); the model card states each threshold with P/R/F1 and 95% intervals. (A name without '=' is the old spelling of --architecture.)"),
     epochs: int = typer.Option(40, min=1, help="Epochs at most (early stop may end sooner)."),
     image_size: int = typer.Option(512, min=64, help="Square input size the student sees (images are letterboxed)."),
     batch_size: int = typer.Option(8, min=1, help="Images per step (small batches: more steps per epoch on CPU)."),
@@ -453,15 +454,24 @@ def distill(
     _logging(verbose)
     with _failing():
         source = Source(project, coco, None, images, predictions, model_version).check(("project", "coco"))
-    if target != "fcos-resnet18":
-        raise _fail(PrelabelError(f"--target {target!r} is not available; supported: fcos-resnet18"))
+    for value in target or []:  # --target NAME: the architecture, as before --architecture
+        if "=" not in value and value != "fcos-resnet18":
+            raise _fail(PrelabelError(f"--target {value!r} is neither an operating point (e.g. precision=0.95) nor an "
+                                      f"available student architecture; supported: fcos-resnet18"))
+    if architecture != "fcos-resnet18":
+        raise _fail(PrelabelError(f"--architecture {architecture!r} is not available; supported: fcos-resnet18"))
+    targets = [value for value in target or [] if "=" in value]
+    with _failing():
+        from .operating import Targets
+
+        Targets.parse(targets)  # a mistake fails before any data is read
     if pretrained not in ("auto", "imagenet", "scratch"):
         raise _fail(PrelabelError(f"--pretrained {pretrained!r}: use auto, imagenet or scratch"))
     train_options = TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, patience=patience, seed=seed,
                                  time_limit_s=None if time_limit is None else time_limit * 60, threads=threads)
     options = DistillOptions(image_size=image_size, val_fraction=val_fraction, accept_predictions=accept_predictions,
                              pretrained=pretrained, export=export, resume=not restart, device=device or "auto",
-                             min_map=min_map, min_vs_teacher=min_vs_teacher, train=train_options)
+                             min_map=min_map, min_vs_teacher=min_vs_teacher, train=train_options, targets=targets)
     with _failing():
         settings = _settings(label_studio_url=url, label_studio_api_key=api_key)
         teacher_engine = None
@@ -582,6 +592,7 @@ def prompts_eval(
     min_score: float = typer.Option(0.05, min=0, max=1, help="Box threshold candidates run at (low, so the PR curve covers the range)."),
     text_threshold: float = typer.Option(0.25, min=0, max=1, help="Mean token score a prompt must reach (written into the winners' file)."),
     synonyms: int = typer.Option(0, min=0, help="Also evaluate each label's top N candidates together as synonyms (N >= 2)."),
+    target: list[str] = typer.Option(None, "--target", help="Operating point: precision=0.95, recall=0.8 or f1=0.9 for every label, or LABEL:precision=0.95 for one (repeatable; a label's own wins). Thresholds then meet it with the most recall (or say it is not reached), with 95% intervals."),
     url: Optional[str] = typer.Option(None, help="Label Studio address (LABEL_STUDIO_URL)."),
     api_key: Optional[str] = typer.Option(None, help="Label Studio API key (LABEL_STUDIO_API_KEY)."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
@@ -602,7 +613,7 @@ def prompts_eval(
             out = out or settings.model_dir / "workbench" / source.name
             params = DetectParams(min_score, text_threshold, max_detections=settings.max_detections)
             report = evaluate_prompts(opened.records, candidates, out, settings, models, cache, opened.images, params,
-                                      synonyms, detectors=detector)
+                                      synonyms, detectors=detector, targets=target)
     print_workbench(report)
     typer.echo(f"detector runs: {report.computed} computed, {report.cached} from the cache")
     typer.echo(f"winning prompts: {report.outputs['prompts']}; report: {report.outputs['report']}; "

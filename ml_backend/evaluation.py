@@ -6,13 +6,30 @@ from __future__ import annotations
 
 import contextlib
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import supervision as sv
 from pycocotools.cocoeval import COCOeval
 
 from . import coco as coco_format
+
+
+@dataclass
+class Matches:
+    """One label's detections at IoU 0.5 as pycocotools matched them (the largest maxDets, all areas): each one's
+    `scores` and whether it matched a ground-truth object (`tp`), and the number of objects (`truth`)."""
+
+    scores: np.ndarray
+    tp: np.ndarray
+    truth: int
+
+    @classmethod
+    def of(cls, scores, tp, truth: int) -> Matches:
+        scores, tp = np.asarray(scores, np.float64).reshape(-1), np.asarray(tp, bool).reshape(-1)
+        if scores.shape != tp.shape:
+            raise ValueError(f"{scores.size} scores but {tp.size} true/false flags")
+        return cls(scores, tp, int(truth))
 
 
 @dataclass
@@ -28,6 +45,7 @@ class CocoResult:
     images: int = 0
     precision: np.ndarray | None = field(default=None, repr=False)
     scores: np.ndarray | None = field(default=None, repr=False)  # same shape: score threshold at each point
+    matches: dict[str, Matches] = field(default_factory=dict, repr=False)  # per label, at IoU 0.5
 
     def as_dict(self) -> dict:
         return {"map": self.map, "map50": self.map50, "map75": self.map75, "images": self.images,
@@ -66,7 +84,7 @@ def coco_evaluate(
     for i, (t, p, (w, h)) in enumerate(zip(truth, predictions, sizes)):
         images.append(coco_format.image(i + 1, str(i), int(w), int(h)))
         gt_anns += coco_format.annotations(kept(t), i + 1, labels, scores=False, masks=False)
-        dt_anns += coco_format.annotations(kept(p), i + 1, labels, masks=False)
+        dt_anns += _results(kept(p), i + 1, labels)
     gt = coco_format.index(coco_format.document(images, gt_anns, labels))
     truth_counts = {name: 0 for name in labels}
     pred_counts = {name: 0 for name in labels}
@@ -76,13 +94,16 @@ def coco_evaluate(
         pred_counts[labels[a["category_id"] - 1]] += 1
     per_label = {name: {"ap": -1.0, "ap50": -1.0, "truth": truth_counts[name], "predicted": pred_counts[name]}
                  for name in labels}
-    if not gt_anns:
-        return CocoResult(-1.0, -1.0, -1.0, per_label, len(images))
+    nothing = {name: Matches.of([], [], truth_counts[name]) for name in labels}
+    if not gt_anns:  # every detection is a false positive
+        scores = {name: [a["raw_score"] for a in dt_anns if labels[a["category_id"] - 1] == name] for name in labels}
+        return CocoResult(-1.0, -1.0, -1.0, per_label, len(images),
+                          matches={name: Matches.of(s, np.zeros(len(s), bool), 0) for name, s in scores.items()})
     if not dt_anns:
         for name in labels:
             if truth_counts[name]:
                 per_label[name] |= {"ap": 0.0, "ap50": 0.0}
-        return CocoResult(0.0, 0.0, 0.0, per_label, len(images))
+        return CocoResult(0.0, 0.0, 0.0, per_label, len(images), matches=nothing)
     with contextlib.redirect_stdout(io.StringIO()):
         dt = gt.loadRes(dt_anns)
         ev = COCOeval(gt, dt, "bbox")
@@ -103,7 +124,50 @@ def coco_evaluate(
     return CocoResult(
         map=round(float(np.mean(aps)), 4), map50=round(float(np.mean(ap50s)), 4), map75=round(float(np.mean(ap75s)), 4),
         per_label=per_label, images=len(images), precision=precision, scores=scores,
+        matches=nothing | _matches(ev, labels),
     )
+
+
+def _results(d: sv.Detections, image_id: int, labels: list[str]) -> list[dict]:
+    """A results list for pycocotools (scores rounded as `coco.annotations` writes them), each entry also with
+    its detection's unrounded `raw_score`: the threshold an operating point picks must keep that detection."""
+    if not len(d):
+        return []
+    raw = np.asarray(d.confidence, np.float64)
+    # confidence = row number, to know which rows `annotations` kept (it drops boxes without area)
+    out = coco_format.annotations(replace(d, confidence=np.arange(len(d), dtype=np.float64)), image_id, labels,
+                                  masks=False)
+    for ann in out:
+        ann["raw_score"] = float(raw[int(ann["score"])])
+        ann["score"] = round(ann["raw_score"], 4)
+    return out
+
+
+def _matches(ev: COCOeval, labels: list[str]) -> dict[str, Matches]:
+    """Per label the detections' (unrounded) scores and true/false at IoU 0.5, from `ev.evalImgs` as `accumulate`
+    reads them at all areas (detections matched to an ignored object are left out, as there)."""
+    found: dict[str, tuple[list, list, int]] = {}
+    for e in ev.evalImgs:
+        if e is None or e["aRng"] != ev.params.areaRng[0]:
+            continue
+        name = labels[e["category_id"] - 1]
+        scores, tp, truth = found.setdefault(name, ([], [], 0))
+        kept = ~np.asarray(e["dtIgnore"][0], bool).reshape(-1)
+        scores += [ev.cocoDt.anns[i]["raw_score"] for i in np.asarray(e["dtIds"])[kept]]
+        tp += list(np.asarray(e["dtMatches"][0])[kept] > 0)
+        found[name] = (scores, tp, truth + int((~np.asarray(e["gtIgnore"], bool)).sum()))
+    return {name: Matches.of(*value) for name, value in found.items()}
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float] | None:
+    """The Wilson score interval of the proportion `successes / n` (95% for the default z); None when n is 0."""
+    if n <= 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (0.0 if successes <= 0 else max(0.0, float(centre - half)),
+            1.0 if successes >= n else min(1.0, float(centre + half)))
 
 
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)  # pycocotools' recall thresholds (params.recThrs)

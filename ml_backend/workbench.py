@@ -4,8 +4,10 @@ corrected.
 Every candidate prompt of a label runs alone (an ontology of that one label with that one prompt) at a low score
 threshold, so that the precision/recall curve covers the whole range; the human annotations are the ground truth.
 Per candidate: AP (mAP@[.5:.95]) and AP50 by pycocotools (`evaluation.coco_evaluate`), and the score threshold that
-maximises F1 at IoU 0.5 with its precision and recall. Model outputs are cached per image content, model and prompt
-(`PredictionCache`, one SQLite file), so a new candidate costs only its own runs and a re-run costs none.
+maximises F1 at IoU 0.5 with its precision and recall; with targets (`--target precision=0.95`, see operating.py)
+also its operating point: the threshold that meets the target, P/R/F1 there with 95% intervals. Model outputs are
+cached per image content, model and prompt (`PredictionCache`, one SQLite file), so a new candidate costs only its own
+runs and a re-run costs none.
 With several detectors (e.g. Grounding DINO and SAM 3), each label also gets a teacher comparison: every detector's
 best candidate for it, and the better teacher (`WorkbenchReport.teachers`).
 Writes PR curves (one PNG per label, one curve per candidate and model), `report.json` and a prompts file with the
@@ -32,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import PromptsError, validated
 from .evaluation import CocoResult, best_f1_threshold, coco_evaluate, pr_curve
+from .operating import INTERVALS, OperatingPoint, Targets, cell, operating_point
 from .engine import Engine, RequestSpec
 from .media import ImageSource, MediaItem, record_image
 from .ontology import LabelSpec, Ontology, PromptsFile, normalize_prompt, read_yaml
@@ -246,6 +249,7 @@ class CandidateResult:
     predicted: int
     best: dict | None  # {"threshold", "precision", "recall", "f1"} at IoU 0.5, None when nothing is found
     curve: dict | None = field(default=None, repr=False)  # {"recall", "precision", "scores"} at IoU 0.5
+    operating: OperatingPoint | None = None  # with --target: the threshold that meets it (see operating.py)
 
     @property
     def name(self) -> str:
@@ -255,7 +259,8 @@ class CandidateResult:
         return self.ap, self.ap50, (self.best or {}).get("f1", 0.0)
 
     def summary(self) -> dict:
-        return {"prompts": self.prompts, "ap": self.ap, "ap50": self.ap50, "best": self.best}
+        return {"prompts": self.prompts, "ap": self.ap, "ap50": self.ap50, "best": self.best} | (
+            {"operating_point": self.operating.as_dict()} if self.operating is not None else {})
 
 
 @dataclass
@@ -295,6 +300,7 @@ class WorkbenchReport:
     calls: int = 0  # detector.detect calls
     outputs: dict[str, str] = field(default_factory=dict)
     unannotated: int = 0  # images left out: nobody annotated them
+    targets: list[str] = field(default_factory=list)  # the --target options, when given
 
     def for_label(self, label: str) -> list[CandidateResult]:
         return [r for r in self.results if r.label == label]
@@ -313,7 +319,9 @@ class WorkbenchReport:
 
     def as_dict(self) -> dict:
         def one(r: CandidateResult) -> dict:
-            d = {k: v for k, v in asdict(r).items() if k != "curve"}
+            d = {k: getattr(r, k) for k in ("model", "label", "prompts", "ap", "ap50", "truth", "predicted", "best")}
+            if r.operating is not None:
+                d["operating_point"] = r.operating.as_dict()
             if r.curve is not None:
                 d["curve_iou50"] = {k: [round(float(x), 4) for x in v] for k, v in r.curve.items()}
             return d
@@ -325,7 +333,7 @@ class WorkbenchReport:
             "teachers": {label: t.as_dict() for label, t in self.teachers.items()},
             "results": [one(r) for r in self.results],
             "computed": self.computed, "cached": self.cached, "outputs": self.outputs,
-        }
+        } | ({"targets": self.targets, "intervals": INTERVALS} if self.targets else {})
 
 
 # -- running ----------------------------------------------------------------------------------------------------
@@ -338,7 +346,7 @@ class Workbench:
     def __init__(self, records: list[LabeledImage], cache: PredictionCache, settings: Settings | None = None,
                  loader: ImageSource | None = None, params: DetectParams | None = None,
                  build_detector: Callable[[str], object] | None = None, key_of: Callable[[str], str] | None = None,
-                 progress: bool = True):
+                 progress: bool = True, targets: Targets | None = None):
         self.settings = settings or Settings()
         # copies: a record without a size gets the decoded image's
         self.records = [replace(r) for r in records if r.annotations is not None]
@@ -352,6 +360,7 @@ class Workbench:
         self._build = build_detector or self._registry_detector
         self._model_key = key_of or (lambda ref: model_key(ref, self.settings.model_dir))
         self.progress = progress
+        self.targets = targets or Targets()  # operating points: each candidate's threshold that meets its target
         self.computed = self.cached = self.calls = 0
         self._keys: dict[str, str] = {}
         self._detectors: dict[str, object] = {}
@@ -440,9 +449,11 @@ class Workbench:
                                            self.params.max_detections)
         stats = result.per_label[label]
         curve = pr_curve(result)
+        operating = (operating_point(label, result.matches[label], self.targets.for_label(label)) if self.targets
+                     else None)
         return CandidateResult(model=ref, label=label, prompts=list(prompts), ap=stats["ap"], ap50=stats["ap50"],
                                truth=stats["truth"], predicted=stats["predicted"], best=best_f1_threshold(result),
-                               curve=curve)
+                               curve=curve, operating=operating)
 
     def run(self, candidates: CandidatesFile, models: list[str], synonyms: int = 0) -> WorkbenchReport:
         """Every candidate of every label under every model; with `synonyms` >= 2, also the union of each label's
@@ -450,6 +461,7 @@ class Workbench:
         if not models:
             raise CandidatesError("no detector to evaluate: give --models or `models:` in the candidates file")
         candidates = candidates.matched(self.truth_labels)
+        self.targets = self.targets.matched(list(candidates.labels))
         jobs = [(label, (p,)) for label, prompts in candidates.labels.items() for p in prompts]
         results: list[CandidateResult] = []
         for ref in models:  # one model in memory at a time
@@ -470,7 +482,7 @@ class Workbench:
     def _report(self, candidates: CandidatesFile, models: list[str], results: list[CandidateResult]) -> WorkbenchReport:
         report = WorkbenchReport(images=len(self.records), models=models, params=self.params, results=results,
                                  detector=models[0], winners={}, computed=self.computed, cached=self.cached,
-                                 calls=self.calls, unannotated=self.unannotated)
+                                 calls=self.calls, unannotated=self.unannotated, targets=self.targets.as_list())
         scores = report.model_scores()
         report.detector = max(models, key=lambda m: (scores[m], -models.index(m)))
         used: set[str] = set()
@@ -503,11 +515,15 @@ def _in_record_space(xyxy: np.ndarray, scores: np.ndarray, label: str, record: L
 
 def winning_prompts(report: WorkbenchReport, source: str = "") -> str:
     """The winners as a prompts file (YAML text, valid for `PromptsFile`): the best detector, per label the best
-    prompt(s) and the threshold that maximised F1."""
+    prompt(s) and the threshold that maximised F1, or with targets the operating point's (its precision, recall
+    and F1 with their intervals in the comments)."""
     labels = {}
     for label, r in report.winners.items():
         entry: dict = {"prompts": r.prompts}
-        if r.best is not None:
+        op = r.operating
+        if op is not None and op.threshold is not None:
+            entry["threshold"] = float(min(max(op.threshold, 0.0), 1.0))
+        elif r.best is not None:
             entry["threshold"] = float(min(max(r.best["threshold"], 0.0), 1.0))
         labels[label] = entry
     doc = {"detector": report.detector, "text_threshold": report.params.text_threshold,
@@ -519,11 +535,21 @@ def winning_prompts(report: WorkbenchReport, source: str = "") -> str:
         "# Per label the candidate with the best AP (mAP@[.5:.95]) under the best detector; threshold: the score",
         "# that maximised F1 at IoU 0.5. The numbers are in report.json beside this file.",
     ]
+    if report.targets:
+        header[2:] = ["# that meets the target (" + ", ".join(report.targets) + ") with the most recall at IoU 0.5, or",
+                      "# says it is not reached; P/R/F1 there with " + INTERVALS + ".",
+                      "# The numbers are in report.json beside this file."]
     teachers = report.teachers if len(report.models) > 1 else {}
     for label, r in report.winners.items():
-        best = r.best or {}
-        header.append(f"#   {label}: AP {r.ap:.3f}, AP50 {r.ap50:.3f}"
-                      + (f", P {best['precision']:.2f} R {best['recall']:.2f} F1 {best['f1']:.2f}" if best else ""))
+        best, op = r.best or {}, r.operating
+        if op is not None:
+            header.append(f"#   {label}: AP {r.ap:.3f}, AP50 {r.ap50:.3f}; {op.note()}; at "
+                          f"{'-' if op.threshold is None else f'{op.threshold:g}'}: P {cell(op.precision, op.precision_ci)} "
+                          f"R {cell(op.recall, op.recall_ci)} F1 {cell(op.f1, op.f1_ci)} "
+                          f"(TP {op.tp}, FP {op.fp}, FN {op.fn})")
+        else:
+            header.append(f"#   {label}: AP {r.ap:.3f}, AP50 {r.ap50:.3f}"
+                          + (f", P {best['precision']:.2f} R {best['recall']:.2f} F1 {best['f1']:.2f}" if best else ""))
         other = teachers.get(label)
         if other is not None and other.better != report.detector:  # one detector per prompts file: say so
             theirs = other.best[other.better]
@@ -600,26 +626,47 @@ def print_workbench(report: WorkbenchReport, console=None) -> None:
     scores = report.model_scores()
     left_out = f" ({report.unannotated} unannotated left out)" if report.unannotated else ""
     table = Table(title=f"prompt workbench: {report.images} annotated images{left_out}, detector runs "
-                        f"{report.computed} computed / {report.cached} cached")
+                        f"{report.computed} computed / {report.cached} cached"
+                        + (f"; target {', '.join(report.targets)}" if report.targets else ""))
+    targeted = bool(report.targets)
     for column in ("label", "candidate", *(["model"] if len(report.models) > 1 else []), "AP", "AP50",
-                   "threshold", "P", "R", "F1", "truth", "found"):
-        table.add_column(column, justify="right" if column not in ("label", "candidate", "model") else "left")
+                   "threshold", "P", "R", "F1", *(["target"] if targeted else []), "truth", "found"):
+        table.add_column(column, justify="right" if column not in ("label", "candidate", "model", "target") else "left")
     for label in dict.fromkeys(r.label for r in report.results):
         for r in sorted(report.for_label(label), key=lambda r: r.rank(), reverse=True):
             won = report.winners.get(label) is r
-            best = r.best or {}
+            best, op = r.best or {}, r.operating
+            if targeted and op is not None:
+                point = [f"{op.threshold:g}" if op.threshold is not None else "-", cell(op.precision, op.precision_ci),
+                         cell(op.recall, op.recall_ci), cell(op.f1, op.f1_ci), _target_cell(op)]
+            elif targeted:
+                point = ["-"] * 5
+            else:
+                point = ([f"{best['threshold']:.3f}", f"{best['precision']:.2f}", f"{best['recall']:.2f}",
+                          f"{best['f1']:.2f}"] if best else ["-"] * 4)
             cells = [label, ("* " if won else "  ") + r.name, *([_short_model(r.model, report.models)] if len(report.models) > 1 else []),
-                     f"{r.ap:.3f}", f"{r.ap50:.3f}",
-                     *([f"{best['threshold']:.3f}", f"{best['precision']:.2f}", f"{best['recall']:.2f}",
-                        f"{best['f1']:.2f}"] if best else ["-"] * 4),
-                     str(r.truth), str(r.predicted)]
+                     f"{r.ap:.3f}", f"{r.ap50:.3f}", *point, str(r.truth), str(r.predicted)]
             table.add_row(*cells, style="bold green" if won else None)
         table.add_section()
     console.print(table)
+    if targeted:
+        console.print(f"operating points (P, R, F1 with {INTERVALS}):")
+        for label, r in report.winners.items():
+            op = r.operating
+            line = f"  {label}: " + (op.note() if op is not None else "no ground truth here, no operating point")
+            console.print(line, style="bold red" if op is not None and op.met is False else None, highlight=False)
     if len(report.models) > 1:
         print_teachers(report, console)
         console.print("models (mean best AP): " + ", ".join(f"{m} {s:.3f}" for m, s in scores.items())
                       + f"; best: {report.detector}")
+
+
+def _target_cell(op: OperatingPoint) -> str:
+    if op.target is None:
+        return "- (best F1)"
+    if op.met:
+        return f"{op.target.describe()}: met"
+    return f"{op.target.describe()}: NOT met, best {op.best['value']:.2f}" if op.best else f"{op.target.describe()}: NOT met"
 
 
 def print_teachers(report: WorkbenchReport, console) -> None:
@@ -646,16 +693,20 @@ def evaluate_prompts(records: list[LabeledImage], candidates_path: Path, out: Pa
                      models: str | None = None, cache_dir: Path | None = None, loader: ImageSource | None = None,
                      params: DetectParams | None = None, synonyms: int = 0, progress: bool = True,
                      build_detector: Callable[[str], object] | None = None,
-                     detectors: list[str] | None = None) -> WorkbenchReport:
+                     detectors: list[str] | None = None, targets: list[str] | None = None) -> WorkbenchReport:
     """What `prelabel prompts eval` does: load and check the candidates, run them (cached under `cache_dir`, default
     MODEL_DIR/cache/workbench), write the outputs into `out`. The detectors: `models` (comma-separated) and
-    `detectors`, else the candidates file's, else the settings'."""
+    `detectors`, else the candidates file's, else the settings'. `targets`: `--target` options (operating points,
+    see operating.py)."""
+    wanted = Targets.parse(targets)
     candidates = CandidatesFile.load(candidates_path)
     chosen = parse_models(models, detectors) or candidates.models or [settings.detector]
     cache = PredictionCache(cache_dir or settings.model_dir / "cache" / "workbench")
     try:
-        bench = Workbench(records, cache, settings, loader, params, build_detector=build_detector, progress=progress)
-        candidates.matched(bench.truth_labels)  # fail on unknown labels before loading any model
+        bench = Workbench(records, cache, settings, loader, params, build_detector=build_detector, progress=progress,
+                          targets=wanted)
+        # fail on unknown labels before loading any model
+        wanted.matched(list(candidates.matched(bench.truth_labels).labels))
         report = bench.run(candidates, chosen, synonyms)
     finally:
         cache.close()

@@ -105,6 +105,28 @@ def _cell(value) -> str:
     return str(value)
 
 
+def _operating_lines(directory: Path, student: dict) -> list[str]:
+    """The student's operating points (`--target`) as a table, and the thresholds as a prompts file snippet."""
+    import yaml
+
+    from ..operating import markdown_table
+
+    points = student.get("operating_points")
+    if points is None:
+        return []
+    thresholds = {name: p["threshold"] for name, p in points.items() if p["threshold"] is not None}
+    return [
+        "", f"## Operating points (held-out validation split, target {', '.join(student['targets'])})", "",
+        "Per class the score threshold that meets the target with the most recall at IoU 0.5 (or the best F1 where "
+        f"no threshold meets it, as the result says); {student['intervals']}.", "",
+        *markdown_table(points),
+        *(["", "Serve it at these thresholds with this prompts file:", "", "```yaml",
+           yaml.safe_dump({"detector": f"student:{directory}", "labels": {n: {"threshold": t} for n, t in
+                                                                        thresholds.items()}}, sort_keys=False).strip(),
+           "```"] if thresholds else []),
+    ]
+
+
 def _quality_lines(quality: dict | None) -> list[str]:
     if not quality:
         return []
@@ -156,6 +178,7 @@ def write_model_card(directory: Path, report: dict) -> Path:
         lines.append(f"| {name} | {_cell(teacher['map'])} | {_cell(teacher['map50'])} | {teacher['images']} |")
     else:
         lines.append("| teacher | n/a | n/a | no stored teacher predictions on the validation images |")
+    lines += _operating_lines(directory, student)
     training = report["training"]
     lines += [
         "", "## Training",

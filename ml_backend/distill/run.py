@@ -23,6 +23,7 @@ from ..models import pick_device
 from ..models.loading import hub_offline
 from ..models.student import StudentConfig, StudentDetector
 from ..media import MediaItem
+from ..operating import INTERVALS, Targets, operating_points
 from ..ontology import LabelSpec, Ontology, PromptsFile
 from ..settings import Settings
 from ..types import LabeledImage
@@ -47,6 +48,7 @@ class DistillOptions:
     device: str = "auto"
     min_map: float = MIN_MAP  # the student fails below this validation mAP@0.5 (0: no floor)
     min_vs_teacher: float = MIN_VS_TEACHER  # ... or below this share of the teacher's mAP@0.5 on the same images
+    targets: list[str] = field(default_factory=list)  # operating points (`--target`) the student's are chosen for
     train: TrainOptions = field(default_factory=TrainOptions)
 
 
@@ -151,6 +153,7 @@ def distill(
     if not classes:
         raise DistillError(f"{source}: no annotated objects to learn from ({len(records)} images, "
                            f"{len(examples)} with annotations)")
+    targets = Targets.parse(options.targets).matched(classes)  # before training: a wrong label fails at once
     strange = sorted(set(counts) - set(labels))
     if strange:
         raise DistillError(f"{source}: annotations use labels not in the label set {labels}: {strange}")
@@ -197,7 +200,7 @@ def distill(
         report["speed"] = speed_table(out)
 
     write_state(out, state="evaluating")
-    report["student"] = evaluate_student(out, val_ex, load, classes, options.train.eval_threshold)
+    report["student"] = evaluate_student(out, val_ex, load, classes, options.train.eval_threshold, targets)
     if teacher is not None:
         report["teacher"] = evaluate_model(teacher, teacher.ontology(classes), val_ex, load, classes)
     else:
@@ -247,9 +250,12 @@ def quality_gate(report: dict, min_map: float, min_vs_teacher: float) -> dict:
 
 
 def evaluate_model(engine: Engine, ontology: Ontology, examples: list[Example],
-                   load: Callable[[LabeledImage], np.ndarray], classes: list[str]) -> dict:
+                   load: Callable[[LabeledImage], np.ndarray], classes: list[str], targets: Targets | None = None
+                   ) -> dict:
     """A detector through the engine (the path every entrance takes) on the original validation images, loaded
-    again one at a time; an image it fails on counts as one with no detections, and is counted."""
+    again one at a time; an image it fails on counts as one with no detections, and is counted. With `targets`
+    (matched to `classes`), also each class's operating point (`operating_points`: threshold, P/R/F1 with 95%
+    intervals, target met or not)."""
     predictions, sizes, failed = [], [], 0
     for e in examples:
         array = load(e.record)
@@ -260,17 +266,22 @@ def evaluate_model(engine: Engine, ontology: Ontology, examples: list[Example],
         predictions.append(result.detections)
         sizes.append((array.shape[1], array.shape[0]))
     result = coco_evaluate([e.truth for e in examples], predictions, classes, sizes)
+    points = {}
+    if targets:
+        points = {"targets": targets.as_list(), "intervals": INTERVALS, "operating_points": {
+            name: p.as_dict() for name, p in operating_points(result.matches, targets).items()}}
     return result.as_dict() | {"model_id": engine.detector.model_id, "model_version": engine.model_version(ontology),
-                               "failed_images": failed}
+                               "failed_images": failed} | points
 
 
 def evaluate_student(directory: Path, examples: list[Example], load: Callable[[LabeledImage], np.ndarray],
-                     classes: list[str], threshold: float) -> dict:
-    """The served path: `StudentDetector` (ONNX Runtime when exported) through the engine."""
+                     classes: list[str], threshold: float, targets: Targets | None = None) -> dict:
+    """The served path: `StudentDetector` (ONNX Runtime when exported) through the engine; its boxes down to
+    `threshold`, so that operating points for `targets` can be chosen above it."""
     detector = StudentDetector(directory)
     ontology = Ontology(tuple(LabelSpec(c, (c.casefold(),), threshold) for c in classes), nms_iou=0.6)
     engine = Engine(detector, None, PromptsFile(), Settings())
-    return evaluate_model(engine, ontology, examples, load, classes) | {"runtime": detector.runtime}
+    return evaluate_model(engine, ontology, examples, load, classes, targets) | {"runtime": detector.runtime}
 
 
 def evaluate_teacher(examples: list[Example], sizes: list[tuple[int, int]], classes: list[str]) -> dict | None:
@@ -306,6 +317,7 @@ def print_distill(report: dict, console=None) -> None:
     table.add_row("all", str(sum(s["truth"] for s in student["per_label"].values())), cell(student["map"]),
                   cell(student["map50"]), cell(teacher.get("map")), cell(teacher.get("map50")), style="bold")
     console.print(table)
+    print_operating_points(student, console)
     training = report["training"]
     console.print(f"training: {training['epochs_run']} epochs ({training['stopped']}), best epoch "
                   f"{training['best_epoch']}, {training['seconds']:.0f} s on {training['device']} "
@@ -321,3 +333,23 @@ def print_distill(report: dict, console=None) -> None:
     quality = report.get("quality")
     if quality and quality["passed"]:
         console.print(f"quality gate passed: {', '.join(quality['checks']) or 'nothing to check (both checks off)'}")
+
+
+def print_operating_points(evaluation: dict, console) -> None:
+    """The student's operating points on the held-out images, when `--target` asked for them."""
+    from rich.table import Table
+
+    from ..operating import cell
+
+    points = evaluation.get("operating_points")
+    if points is None:
+        return
+    table = Table(title=f"student operating points on the held-out images (target {', '.join(evaluation['targets'])}"
+                        f"; 95% intervals)")
+    for column in ("label", "threshold", "P", "R", "F1", "TP/FP/FN", "result"):
+        table.add_column(column)
+    for name, p in points.items():
+        table.add_row(name, "-" if p["threshold"] is None else f"{p['threshold']:g}", cell(p["precision"], p["precision_ci"]),
+                      cell(p["recall"], p["recall_ci"]), cell(p["f1"], p["f1_ci"]), f"{p['tp']}/{p['fp']}/{p['fn']}",
+                      p["note"], style="red" if p["met"] is False else None)
+    console.print(table)
