@@ -222,10 +222,15 @@ def annotate(
     ray_actors: int = typer.Option(1, help="Ray: model actors (one per GPU, or per N CPUs)."),
     cpus_per_actor: float = typer.Option(1, help="Ray: CPUs per actor (also its torch threads)."),
     gpus_per_actor: float = typer.Option(0, help="Ray: GPUs per actor."),
+    follow: bool = typer.Option(False, "--follow", help="Keep running: pre-annotate what is added later, until Ctrl-C (FOLDER: images added to the folder)."),
+    poll: float = typer.Option(2.0, help="--follow: seconds between looks for new data."),
+    incomplete_tries: int = typer.Option(5, envvar="PRELABEL_FOLLOW_INCOMPLETE_TRIES", help="--follow FOLDER: polls without a change on which a file still does not decode before it is reported (PRELABEL_FOLLOW_INCOMPLETE_TRIES)."),
+    incomplete_seconds: float = typer.Option(60.0, envvar="PRELABEL_FOLLOW_INCOMPLETE_SECONDS", help="--follow FOLDER: seconds without a change after which a file that does not decode is reported (PRELABEL_FOLLOW_INCOMPLETE_SECONDS)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ):
     """Pre-annotate a whole Label Studio project (--project) or a folder of images (FOLDER --out DIR): batched,
-    with progress, resumable (run it again to finish), failures reported per task. Exit status 1 if any task failed."""
+    with progress, resumable (run it again to finish), failures reported per task. Exit status 1 if any task failed.
+    --follow keeps running and pre-annotates what arrives later."""
     from .labelstudio.annotate import run_annotate
 
     _logging(verbose)
@@ -234,6 +239,8 @@ def annotate(
                      label_studio_url=url,
                      label_studio_api_key=api_key)
     ray = dict(actors=ray_actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, address=ray_address)
+    if folder is not None and follow:
+        return _follow_folder(folder, out, overrides, url_prefix, poll, incomplete_tries, incomplete_seconds, report)
     with _failing():
         if project is not None:
             overrides = _with_stack(overrides)
@@ -243,6 +250,29 @@ def annotate(
     for entry in result.failed:
         typer.secho(entry["error"]["message"], fg="yellow", err=True)
     typer.echo(f"{result.summary()}; model version {result.model_version}; report {report}")
+    for name, path in result.outputs.items():
+        if name != "journal":
+            typer.echo(f"{name}: {path}")
+    raise typer.Exit(0 if result.ok else 1)
+
+
+def _follow_folder(folder: Path, out: Path | None, overrides: dict, url_prefix: str | None, poll: float,
+                   incomplete_tries: int, incomplete_seconds: float, report: Path | None) -> None:
+    """`annotate FOLDER --out DIR --follow`: a live status line, each failure as it happens, the report at the end
+    (Ctrl-C)."""
+    from .follow_folder import LiveLine, run_follow_folder
+
+    line = LiveLine()
+    try:
+        with _failing():
+            result, where = run_follow_folder(folder, out, overrides, url_prefix, poll, incomplete_tries,
+                                              incomplete_seconds, status=lambda s: line(s.line(), (s.done, s.queued, s.failed)),
+                                              failure=line.message)
+    finally:
+        line.close()
+    where = report or where
+    result.write(where)
+    typer.echo(f"{result.summary()}; model version {result.model_version}; report {where}")
     for name, path in result.outputs.items():
         if name != "journal":
             typer.echo(f"{name}: {path}")
