@@ -594,6 +594,62 @@ def cvat_track(
         typer.echo(line)
 
 
+@cvat.command("follow")
+def cvat_follow(
+    url: str = typer.Option(..., envvar="CVAT_URL", help="CVAT address, e.g. http://localhost:8080 (CVAT_URL)."),
+    token: Optional[str] = typer.Option(None, envvar="CVAT_ACCESS_TOKEN", help="CVAT personal access token (CVAT_ACCESS_TOKEN)."),
+    user: Optional[str] = typer.Option(None, envvar="CVAT_USER", help="CVAT user name, with --password (CVAT_USER)."),
+    password: Optional[str] = typer.Option(None, envvar="CVAT_PASSWORD", help="CVAT password (CVAT_PASSWORD)."),
+    project: Optional[int] = typer.Option(None, help="Only the tasks of this CVAT project (default: every task the user sees)."),
+    poll: float = typer.Option(10.0, help="Seconds between looks for new tasks."),
+    no_poll: bool = typer.Option(False, "--no-poll", help="Take tasks from webhooks only (--listen): no task list is read."),
+    listen: Optional[int] = typer.Option(None, help="Also take CVAT webhooks (create:task) on this port: POST /webhook."),
+    host: str = typer.Option("127.0.0.1", help="--listen: the address to listen on (off loopback a --secret is required)."),
+    secret: Optional[str] = typer.Option(None, envvar="CVAT_WEBHOOK_SECRET", help="The webhook's secret: X-Signature-256 is checked with it (CVAT_WEBHOOK_SECRET)."),
+    force: bool = typer.Option(False, "--force", help="Pre-annotate new tasks that already have annotations too (added to them)."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompts file: labels (matched to the task's by name) and prompts."),
+    detector: Optional[str] = typer.Option(None, help="Detector: hub id or local directory."),
+    tracker: Optional[str] = typer.Option(None, help="Video tasks: tracker between detection frames, or 'none'."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
+    shape: str = typer.Option("rectangle", help="Image tasks: rectangle, mask, polygon, or per label Car=mask,Person=rectangle."),
+    allow_unmatched_labels: bool = typer.Option(False, "--allow-unmatched-labels", help="Skip prompts labels a task lacks (default: the task fails)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
+):
+    """Pre-annotate new CVAT tasks as they are created, once each, until Ctrl-C: image tasks with the detector,
+    video tasks as tracks. Done task ids are kept in MODEL_DIR/follow/, so a restart redoes nothing."""
+    import threading
+
+    from .cvat.follow import CvatAnnotator, Follower, TaskQueue, connector, follow_cvat, queue_path
+    from .cvat.tracks import cvat_errors
+
+    _logging(verbose)
+    if poll <= 0:
+        raise _fail(PrelabelError(f"--poll {poll}: give a positive number of seconds"))
+    if no_poll and listen is None:
+        raise _fail(PrelabelError("--no-poll takes tasks from webhooks only: give --listen PORT"))
+    settings = _settings()
+    warn = lambda line: typer.secho(line, fg="yellow", err=True)  # noqa: E731
+    colours = {"done": "green", "skipped": None, "failed": "red"}
+    report = lambda task_id, state, note: typer.secho(f"task {task_id}: {state}: {note}", fg=colours[state])  # noqa: E731
+    stop = threading.Event()
+    with _failing(), cvat_errors(url, "(any)"):
+        queue = TaskQueue(queue_path(settings.model_dir, url))
+        if retried := queue.retry_failed():
+            typer.echo(f"{retried} tasks that failed before are queued again")
+        annotate = CvatAnnotator(None if prompts is None else str(prompts), detector, _segmenter_flag(tracker), device,
+                                 shape, allow_unmatched_labels, warn)
+        follower = Follower(connector(url, token, user, password, settings.model_dir / "cache" / "cvat-sdk"), queue,
+                            annotate, project, force, poll, discover=not no_poll, report=report)
+        scope = f"project {project}" if project is not None else "every task this user sees"
+        typer.echo(f"following {scope} at {url} (queue {queue.path}); Ctrl-C stops")
+        try:
+            follow_cvat(follower, stop, listen, host, secret, started=lambda at: typer.echo(f"webhooks: POST {at}"))
+        except KeyboardInterrupt:
+            stop.set()
+        finally:
+            queue.close()
+
+
 prompts_app = typer.Typer(help="Prompt workbench: compare candidate prompts and detectors on corrected samples.",
                           no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(prompts_app, name="prompts")
