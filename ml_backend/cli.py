@@ -623,6 +623,8 @@ def cvat_follow(
     from .cvat.tracks import cvat_errors
 
     _logging(verbose)
+    if not verbose:  # cvat-sdk's per-task steps (fetching, chunks, uploading): one line per task is printed instead
+        logging.getLogger("cvat_sdk").setLevel(logging.WARNING)
     if poll <= 0:
         raise _fail(PrelabelError(f"--poll {poll}: give a positive number of seconds"))
     if no_poll and listen is None:
