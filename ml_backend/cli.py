@@ -222,10 +222,15 @@ def annotate(
     ray_actors: int = typer.Option(1, help="Ray: model actors (one per GPU, or per N CPUs)."),
     cpus_per_actor: float = typer.Option(1, help="Ray: CPUs per actor (also its torch threads)."),
     gpus_per_actor: float = typer.Option(0, help="Ray: GPUs per actor."),
+    follow: bool = typer.Option(False, "--follow", help="Keep running: pre-annotate what is added later, until Ctrl-C (FOLDER: images added to the folder)."),
+    poll: float = typer.Option(2.0, help="--follow: seconds between looks for new data."),
+    incomplete_tries: int = typer.Option(5, envvar="PRELABEL_FOLLOW_INCOMPLETE_TRIES", help="--follow FOLDER: polls without a change on which a file still does not decode before it is reported (PRELABEL_FOLLOW_INCOMPLETE_TRIES)."),
+    incomplete_seconds: float = typer.Option(60.0, envvar="PRELABEL_FOLLOW_INCOMPLETE_SECONDS", help="--follow FOLDER: seconds without a change after which a file that does not decode is reported (PRELABEL_FOLLOW_INCOMPLETE_SECONDS)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ):
     """Pre-annotate a whole Label Studio project (--project) or a folder of images (FOLDER --out DIR): batched,
-    with progress, resumable (run it again to finish), failures reported per task. Exit status 1 if any task failed."""
+    with progress, resumable (run it again to finish), failures reported per task. Exit status 1 if any task failed.
+    --follow keeps running and pre-annotates what arrives later."""
     from .labelstudio.annotate import run_annotate
 
     _logging(verbose)
@@ -234,6 +239,8 @@ def annotate(
                      label_studio_url=url,
                      label_studio_api_key=api_key)
     ray = dict(actors=ray_actors, cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, address=ray_address)
+    if folder is not None and follow:
+        return _follow_folder(folder, out, overrides, url_prefix, poll, incomplete_tries, incomplete_seconds, report)
     with _failing():
         if project is not None:
             overrides = _with_stack(overrides)
@@ -243,6 +250,29 @@ def annotate(
     for entry in result.failed:
         typer.secho(entry["error"]["message"], fg="yellow", err=True)
     typer.echo(f"{result.summary()}; model version {result.model_version}; report {report}")
+    for name, path in result.outputs.items():
+        if name != "journal":
+            typer.echo(f"{name}: {path}")
+    raise typer.Exit(0 if result.ok else 1)
+
+
+def _follow_folder(folder: Path, out: Path | None, overrides: dict, url_prefix: str | None, poll: float,
+                   incomplete_tries: int, incomplete_seconds: float, report: Path | None) -> None:
+    """`annotate FOLDER --out DIR --follow`: a live status line, each failure as it happens, the report at the end
+    (Ctrl-C)."""
+    from .follow_folder import LiveLine, run_follow_folder
+
+    line = LiveLine()
+    try:
+        with _failing():
+            result, where = run_follow_folder(folder, out, overrides, url_prefix, poll, incomplete_tries,
+                                              incomplete_seconds, status=lambda s: line(s.line(), (s.done, s.queued, s.failed)),
+                                              failure=line.message)
+    finally:
+        line.close()
+    where = report or where
+    result.write(where)
+    typer.echo(f"{result.summary()}; model version {result.model_version}; report {where}")
     for name, path in result.outputs.items():
         if name != "journal":
             typer.echo(f"{name}: {path}")
@@ -572,6 +602,64 @@ def cvat_track(
                 summary = track_task(opened, engine, settings.keyframe_tolerance, replace, bar)
     for line in summary.lines():
         typer.echo(line)
+
+
+@cvat.command("follow")
+def cvat_follow(
+    url: str = typer.Option(..., envvar="CVAT_URL", help="CVAT address, e.g. http://localhost:8080 (CVAT_URL)."),
+    token: Optional[str] = typer.Option(None, envvar="CVAT_ACCESS_TOKEN", help="CVAT personal access token (CVAT_ACCESS_TOKEN)."),
+    user: Optional[str] = typer.Option(None, envvar="CVAT_USER", help="CVAT user name, with --password (CVAT_USER)."),
+    password: Optional[str] = typer.Option(None, envvar="CVAT_PASSWORD", help="CVAT password (CVAT_PASSWORD)."),
+    project: Optional[int] = typer.Option(None, help="Only the tasks of this CVAT project (default: every task the user sees)."),
+    poll: float = typer.Option(10.0, help="Seconds between looks for new tasks."),
+    no_poll: bool = typer.Option(False, "--no-poll", help="Take tasks from webhooks only (--listen): no task list is read."),
+    listen: Optional[int] = typer.Option(None, help="Also take CVAT webhooks (create:task) on this port: POST /webhook."),
+    host: str = typer.Option("127.0.0.1", help="--listen: the address to listen on (off loopback a --secret is required)."),
+    secret: Optional[str] = typer.Option(None, envvar="CVAT_WEBHOOK_SECRET", help="The webhook's secret: X-Signature-256 is checked with it (CVAT_WEBHOOK_SECRET)."),
+    force: bool = typer.Option(False, "--force", help="Pre-annotate new tasks that already have annotations too (added to them)."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompts file: labels (matched to the task's by name) and prompts."),
+    detector: Optional[str] = typer.Option(None, help="Detector: hub id or local directory."),
+    tracker: Optional[str] = typer.Option(None, help="Video tasks: tracker between detection frames, or 'none'."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda ..."),
+    shape: str = typer.Option("rectangle", help="Image tasks: rectangle, mask, polygon, or per label Car=mask,Person=rectangle."),
+    allow_unmatched_labels: bool = typer.Option(False, "--allow-unmatched-labels", help="Skip prompts labels a task lacks (default: the task fails)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
+):
+    """Pre-annotate new CVAT tasks as they are created, once each, until Ctrl-C: image tasks with the detector,
+    video tasks as tracks. Done task ids are kept in MODEL_DIR/follow/, so a restart redoes nothing."""
+    import threading
+
+    from .cvat.follow import CvatAnnotator, Follower, TaskQueue, connector, follow_cvat, queue_path
+    from .cvat.tracks import cvat_errors
+
+    _logging(verbose)
+    if not verbose:  # cvat-sdk's per-task steps (fetching, chunks, uploading): one line per task is printed instead
+        logging.getLogger("cvat_sdk").setLevel(logging.WARNING)
+    if poll <= 0:
+        raise _fail(PrelabelError(f"--poll {poll}: give a positive number of seconds"))
+    if no_poll and listen is None:
+        raise _fail(PrelabelError("--no-poll takes tasks from webhooks only: give --listen PORT"))
+    settings = _settings()
+    warn = lambda line: typer.secho(line, fg="yellow", err=True)  # noqa: E731
+    colours = {"done": "green", "skipped": None, "failed": "red"}
+    report = lambda task_id, state, note: typer.secho(f"task {task_id}: {state}: {note}", fg=colours[state])  # noqa: E731
+    stop = threading.Event()
+    with _failing(), cvat_errors(url, "(any)"):
+        queue = TaskQueue(queue_path(settings.model_dir, url))
+        if retried := queue.retry_failed():
+            typer.echo(f"{retried} tasks that failed before are queued again")
+        annotate = CvatAnnotator(None if prompts is None else str(prompts), detector, _segmenter_flag(tracker), device,
+                                 shape, allow_unmatched_labels, warn)
+        follower = Follower(connector(url, token, user, password, settings.model_dir / "cache" / "cvat-sdk"), queue,
+                            annotate, project, force, poll, discover=not no_poll, report=report)
+        scope = f"project {project}" if project is not None else "every task this user sees"
+        typer.echo(f"following {scope} at {url} (queue {queue.path}); Ctrl-C stops")
+        try:
+            follow_cvat(follower, stop, listen, host, secret, started=lambda at: typer.echo(f"webhooks: POST {at}"))
+        except KeyboardInterrupt:
+            stop.set()
+        finally:
+            queue.close()
 
 
 prompts_app = typer.Typer(help="Prompt workbench: compare candidate prompts and detectors on corrected samples.",
