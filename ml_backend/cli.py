@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from .errors import PrelabelError
+from .errors import ConfigError, PrelabelError
 
 # rich_markup_mode=None: click's plain help. Typer's rich help panel (0.29) prints every option's type, so flags
 # and --help itself show a `<bool>` as if they took a value; the plain one shows types only where a value is taken.
@@ -244,8 +244,10 @@ def annotate(
     with _failing():
         if project is not None:
             overrides = _with_stack(overrides)
+        if follow and (limit is not None or engine != "local"):
+            raise ConfigError("--follow runs locally on every new task: leave out --limit and --engine ray")
         result, report = run_annotate(folder, project, out, overrides, url_prefix, only_unlabeled, limit, report,
-                                      engine, ray)
+                                      engine, ray, follow_poll=poll if follow else None)
     result.write(report)
     for entry in result.failed:
         typer.secho(entry["error"]["message"], fg="yellow", err=True)

@@ -93,3 +93,14 @@ def test_the_rate_cap_spaces_batches():
     start = time.monotonic()
     free.take(10**6)
     assert time.monotonic() - start < 0.01
+
+
+def test_annotate_follow_refuses_a_limit_or_ray_in_one_line():
+    from typer.testing import CliRunner
+
+    from ml_backend.cli import app
+
+    for extra in (["--limit", "5"], ["--engine", "ray"]):
+        result = CliRunner().invoke(app, ["annotate", "--project", "1", "--follow", "--url", "http://127.0.0.1:9",
+                                          "--api-key", "x", *extra])
+        assert result.exit_code == 2 and "--follow runs locally on every new task" in result.output, result.output

@@ -352,9 +352,15 @@ def _assemble(out: FolderOutput, records: dict[str, dict], files: list[Path], ro
     coco.write(out.coco, coco.document(images, anns, names))
 
 
+def _config_and_ontology(client, project: int, backend: LabelStudioBackend):
+    config = parse_config(open_project(client, project).label_config)
+    return config, backend.ontology_for(config)
+
+
 def run_annotate(folder: Path | None, project: int | None, out: Path | None, overrides: dict,
                  url_prefix: str | None = None, only_unlabeled: bool = False, limit: int | None = None,
-                 report: Path | None = None, engine: str = "local", ray: dict | None = None) -> tuple[Report, Path]:
+                 report: Path | None = None, engine: str = "local", ray: dict | None = None,
+                 follow_poll: float | None = None) -> tuple[Report, Path]:
     """`prelabel annotate`: a Label Studio project in place (`project`), or the images below `folder` into `out`;
     `engine` "ray" runs a project's batches on Ray actors (`ray`: the keyword arguments of `ray_engine`).
     `overrides`: settings given on the command line (None = not given). Returns the report and where it goes."""
@@ -392,6 +398,17 @@ def run_annotate(folder: Path | None, project: int | None, out: Path | None, ove
         from ..engines.ray_engine import ray_engine
 
         run_batches_on = ray_engine(partial(TaskPredictor, settings), batch_size=settings.batch_size, **(ray or {}))
-    result = annotate_project(client, project, backend, settings.batch_size, only_unlabeled, limit, run_batches_on)
+    if follow_poll is not None:  # --follow: the project, then its new tasks every follow_poll seconds until Ctrl-C
+        from .follow import poll_project
+
+        rounds = poll_project(client, project, backend, settings.batch_size, follow_poll, only_unlabeled,
+                              on_round=lambda r: log.warning("%s", r.summary()))
+        result = Report(model_version=backend.version_for(*_config_and_ontology(client, project, backend)))
+        for r in rounds:
+            result.total, result.done, result.seconds = result.total + r.total, result.done + r.done, result.seconds + r.seconds
+            result.failed += r.failed
+            result.skipped = {k: result.skipped.get(k, 0) + v for k, v in r.skipped.items()}
+    else:
+        result = annotate_project(client, project, backend, settings.batch_size, only_unlabeled, limit, run_batches_on)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     return result, report or settings.model_dir / "reports" / f"annotate-project-{project}-{stamp}.json"
