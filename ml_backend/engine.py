@@ -325,7 +325,10 @@ class Engine:
             for n in members:
                 groups.setdefault(results[n].ontology, []).append(n)
             for onto, group in groups.items():
-                for n, det in zip(group, self.detect([items[n].array for n in group], onto, masks=bool(spec.masks))):
+                # a detector's own masks (SAM 3) come with its boxes; a segmenter's are added per item as results
+                # are taken (iter_run), so that a batch's full-size masks are never all held at once
+                masks = bool(spec.masks) and self.detector_masks
+                for n, det in zip(group, self.detect([items[n].array for n in group], onto, masks=masks)):
                     results[n].detections = det
         if spec.classify:
             self._classify(items, results, members)

@@ -184,6 +184,50 @@ def test_an_interactive_click_does_not_wait_for_a_long_batch(serve, base_pipelin
     assert [len(r["result"]) > 0 for r in out[0].json()["results"]] == [True] * 6
 
 
+class GatedSegmenter(GatedDetector):
+    """The real tiny segmenter behind the same gate: each `segment` call waits until the test allows it."""
+
+    def segment(self, image, boxes=None, points=None, point_labels=None):
+        with self._cond:
+            self.calls += 1
+            if not self._cond.wait_for(lambda: self.allowed >= self.calls, timeout=120):
+                raise RuntimeError("the test never allowed this segmenter call")
+        return self.inner.segment(image, boxes=boxes, points=points, point_labels=point_labels)
+
+    def prepare(self, image):
+        self.inner.prepare(image)
+
+    def cache_info(self) -> dict:
+        return self.inner.cache_info()
+
+
+MASKS = ('<View><Image name="i" value="$img"/><RectangleLabels name="r" toName="i"><Label value="Car"/></RectangleLabels>'
+         '<BrushLabels name="m" toName="i"><Label value="Car"/></BrushLabels></View>')
+
+
+def test_a_click_is_served_between_the_images_of_a_running_batch(base_pipeline, tmp_path):
+    # one batch piece of 3 images with masks: a click that arrives during the first image's masks is answered
+    # before the second image's, not after the whole piece
+    segmenter = GatedSegmenter(base_pipeline.segmenter)
+    settings = make_settings(base_pipeline, tmp_path, batch_size=3, batch_wait_ms=0)
+    server = RunningServer(create_app(Engine(base_pipeline.detector, segmenter, PromptsFile(), settings)))
+    thread, out = in_background(lambda: post_predict(server.url, box_tasks(60, 70, 80), MASKS))
+    try:
+        wait_for(lambda: segmenter.calls == 1, timeout=60)  # the first image's masks are being made
+        clicked, click = in_background(lambda: httpx.post(f"{server.url}/predict", json=keypoint_click(data_uri(80, 60)),
+                                                          timeout=60))
+        wait_for(lambda: queue(server)["waiting"]["interactive"] == 1, timeout=30)
+        segmenter.allow(2)  # the first image's masks, then one more call: the click's, if it goes next
+        wait_for(lambda: not clicked.is_alive(), timeout=30)
+        assert thread.is_alive() and segmenter.calls <= 3, "the click waited for the rest of the batch"
+    finally:
+        segmenter.allow(float("inf"))
+        thread.join(60)
+        server.stop()
+    assert click[0].status_code == 200 and click[0].json()["results"][0]["result"]
+    assert [{r["type"] for r in e["result"]} for e in out[0].json()["results"]] == [{"rectanglelabels", "brushlabels"}] * 3
+
+
 def test_metrics_speak_prometheus_text_format(serve):
     server = serve()
     post_predict(server.url, box_tasks(50))

@@ -356,11 +356,14 @@ class LabelStudioBackend:
         ontology: Ontology,
         version: str,
         on_image: Callable[[int, str, MediaItem, sv.Detections], None] | None = None,
+        between: Callable[[], None] | None = None,
     ) -> list[dict]:
         """The engine over the loaded images (one call per image key of the config: one unless the config labels
         several images per task), then Label Studio results one image at a time. `on_image(task index, data key,
-        image, detections)` sees each image's detections (masks included) before they are dropped. Exactly one
-        entry per task: a prediction or `{"task", "error"}`. Skipped controls get no results."""
+        image, detections)` sees each image's detections (masks included) before they are dropped; `between()` runs
+        between images (the server serves waiting clicks there: a click waits for one image's masks and results, not
+        a whole batch's). Exactly one entry per task: a prediction or `{"task", "error"}`. Skipped controls get no
+        results."""
         config = self.filled(config)
         tasks, entries = batch.tasks, list(batch.entries)
         self.metrics.batch(len(batch.images))
@@ -373,6 +376,8 @@ class LabelStudioBackend:
             controls = [c for c in config.controls if c.data_key == key]
             results = self.engine.iter_run([img for _, img in images], self.spec_for(config, ontology, key))
             for (i, img), result in zip(images, results):
+                if between is not None:
+                    between()
                 if entries[i] is not None and "error" in entries[i]:
                     continue
                 if result.error is not None:

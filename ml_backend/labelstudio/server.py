@@ -305,7 +305,8 @@ class InferenceWorker:
             self.metrics.timing("queue_wait_batch", now - job.waiter.queued)
         self.metrics.merged(len(jobs))
         try:
-            entries = self.backend.infer(_merge(group), *group[0].job.args)  # the engine isolates model failures per image
+            # the engine isolates model failures per image; waiting clicks are served between images
+            entries = self.backend.infer(_merge(group), *group[0].job.args, between=self._between)
         except Exception as exc:  # a request-level mistake (e.g. masks without a segmenter): whole requests fail
             for job in jobs:
                 job.pieces = -1  # its other pieces, if any, must not answer again
