@@ -286,8 +286,9 @@ class _StubHandler(BaseHTTPRequestHandler):
 class Server:
     """`prelabel serve` on the tiny models, following, against the stand-in; restarted on the same MODEL_DIR."""
 
-    def __init__(self, models: dict[str, Path], model_dir: Path, stub: LabelStudioStub, logs: Path):
-        self.models, self.model_dir, self.stub, self.logs = models, model_dir, stub, logs
+    def __init__(self, models: dict[str, Path], model_dir: Path, stub: LabelStudioStub, logs: Path,
+                 env: dict[str, str] | None = None):
+        self.models, self.model_dir, self.stub, self.logs, self.env = models, model_dir, stub, logs, env or {}
         self.starts = 0
         self.process: BackendProcess | None = None
 
@@ -296,7 +297,7 @@ class Server:
         began = time.monotonic()
         self.starts += 1
         env = {"HF_HUB_OFFLINE": "1", "MODEL_DIR": str(self.model_dir), "LABEL_STUDIO_URL": self.stub.url,
-               "LABEL_STUDIO_API_KEY": TOKEN, "PRELABEL_FOLLOW": "true", "BASIC_AUTH_USER": "", "BASIC_AUTH_PASS": ""}
+               "LABEL_STUDIO_API_KEY": TOKEN, "PRELABEL_FOLLOW": "true", "BASIC_AUTH_USER": "", "BASIC_AUTH_PASS": ""} | self.env
         args = ["--detector", str(self.models["detector"]), "--segmenter", str(self.models["segmenter"])]
         self.process = BackendProcess(args, env, self.logs / f"server-{self.starts}.log", start_timeout=300)
         self.stub.ml_url = self.process.url
@@ -552,6 +553,15 @@ def write_models(out: Path) -> dict[str, Path]:
     return {k: Path(v) for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
 
 
+def server_timings(http: httpx.Client, url: str) -> dict:
+    """Where a click's time goes, from the server's /metrics (all requests since its start): its wait for the
+    model thread (a batch piece running) and its model call."""
+    metrics = http.get(f"{url}/metrics").json()
+    names = ("queue_wait_interactive", "inference_interactive", "queue_wait_batch", "inference_batch")
+    return {k: v for k, v in metrics["timings_s"].items() if k in names} | {
+        "predict_route": metrics["latency_s"].get("/predict"), "batch_size": metrics.get("batch_size")}
+
+
 def check(value, ok: bool, target: str, judged_in_smoke: bool = True) -> dict:
     return {"value": value, "target": target, "pass": bool(ok), "judged_in_smoke": judged_in_smoke}
 
@@ -610,17 +620,21 @@ def report(result: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.follow", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=10_000, help="TASKS_CREATED events of the burst (one task each)")
+    parser.add_argument("--events", type=int, help="TASKS_CREATED events of the burst, one task each (10000; smoke 300)")
     parser.add_argument("--clients", type=int, default=4, help="concurrent clients sending them")
-    parser.add_argument("--fault-tasks", type=int, default=2_000, help="tasks of the kill -9 and the outage backlogs")
-    parser.add_argument("--outage-s", type=float, default=10.0, help="seconds Label Studio is unreachable")
-    parser.add_argument("--idle-clicks", type=int, default=40)
-    parser.add_argument("--timeout-s", type=float, default=1800.0, help="bound on each wait for a backlog to drain")
+    parser.add_argument("--fault-tasks", type=int, help="tasks of the kill -9 and of the outage backlog (2000; smoke 150)")
+    parser.add_argument("--outage-s", type=float, help="seconds Label Studio is unreachable (10; smoke 5)")
+    parser.add_argument("--idle-clicks", type=int, help="clicks measured idle (40; smoke 8)")
+    parser.add_argument("--timeout-s", type=float, help="bound on each wait for a backlog to drain (1800; smoke 300)")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for the server (repeatable), e.g. PRELABEL_BATCH_SIZE=1 or PRELABEL_FOLLOW_RATE=20")
     parser.add_argument("--out", type=Path, help="default: results/follow.json (results/smoke/follow.json with --smoke)")
     parser.add_argument("--smoke", action="store_true", help=SMOKE_HELP)
     args = parser.parse_args(argv)
-    if args.smoke:
-        args.events, args.fault_tasks, args.outage_s, args.idle_clicks, args.timeout_s = 300, 150, 3.0, 8, 300.0
+    for name, full, smoke in (("events", 10_000, 300), ("fault_tasks", 2_000, 150), ("outage_s", 10.0, 5.0),
+                              ("idle_clicks", 40, 8), ("timeout_s", 1800.0, 300.0)):
+        if getattr(args, name) is None:
+            setattr(args, name, smoke if args.smoke else full)
     out = args.out or result_path("follow.json", args.smoke)
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="prelabel-follow-"))
@@ -635,11 +649,12 @@ def main(argv: list[str] | None = None) -> int:
     for pid, title in ((burst_pid, "burst"), (outage_pid, "outage"), (kill_pid, "kill -9")):
         stub.add_project(pid, title)
         stub.add_tasks(pid, ids[pid], images)
-    server = Server(models, work / "model-dir", stub, work)
+    server_env = dict(e.split("=", 1) for e in args.server_env)
+    server = Server(models, work / "model-dir", stub, work, server_env)
     result = {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "smoke": args.smoke, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                                "platform": platform.platform(), "load_average_start": os.getloadavg()},
-              "setup": {k: v for k, v in vars(args).items() if k != "out"} | {"batch_size": 4, "images": len(images)}}
+              "setup": {k: v for k, v in vars(args).items() if k != "out"} | {"images": len(images)}}
     try:
         with httpx.Client(timeout=60) as http:
             result["server_start_s"] = round(server.start(http), 2)
@@ -653,8 +668,11 @@ def main(argv: list[str] | None = None) -> int:
             added = [dict(h) for h in stub.webhooks.values()]
             idle = Clicker(server.url, seed=1_000_000, gap_s=0.2)
             idle.run(args.idle_clicks)
+            timings = {"after_idle": server_timings(http, server.url)}
             console.log(f"idle clicks: p95 {percentiles(idle.latencies).get('p95')} s")
             result["burst"] = burst(server, stub, burst_pid, ids[burst_pid], version, args)
+            timings["after_burst"] = server_timings(http, server.url)
+            result["server_timings_s"] = timings
             result["outage"] = outage(server, stub, outage_pid, ids[outage_pid], version, args)
             graceful = server.stop()
             left = len(stub.webhooks)
