@@ -13,7 +13,7 @@ HOST ?= 127.0.0.1
 # What `make test-fast` leaves out (markers set in tests/conftest.py): Label Studio, the browser, MongoDB, Ray and long
 # training / end-to-end runs. `make test` runs everything.
 FAST := not (label_studio or browser or mongodb or ray or slow)
-BENCHMARKS := run annotate ray_scaling review two_stage distill load sam3 video
+BENCHMARKS := run annotate ray_scaling review two_stage distill load sam3 video follow
 
 # What `make install` (and `make lock`) installs. Every pip install takes constraints.txt: the exact versions CI tested.
 TORCH := torch==2.14.1 torchvision==0.29.1

@@ -45,6 +45,12 @@ def created_task_ids(payload: dict) -> list[int]:
     return ids
 
 
+def predicted_versions(task: dict) -> set[str]:
+    """The model versions that have predicted a task, from the task list's `predictions_model_versions`: "a,b" from
+    Label Studio on SQLite, "a, b" on PostgreSQL."""
+    return {v.strip() for v in (task.get("predictions_model_versions") or "").split(",")} - {""}
+
+
 class ProjectFollower:
     """The queue and the thread that empties it. `predict(loaded, config, ontology, version)` runs image tasks in
     the server's batch lane; `run_job(fn)` runs a video job there."""
@@ -59,6 +65,7 @@ class ProjectFollower:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="follow", daemon=True)
         self._told: set[str] = set()
+        self._client, self._client_lock = None, threading.Lock()
         self.webhooks: dict[int, int] = {}  # project -> id of the webhook we added
 
     # -- in ----------------------------------------------------------------------------------------------------
@@ -104,7 +111,10 @@ class ProjectFollower:
         if not url or not key:
             raise PrelabelError("new tasks are queued, but Label Studio's address and an API key are unknown: set "
                                 "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (or connect the backend with an access token)")
-        return LabelStudio(base_url=url, api_key=key, timeout=self.settings.download_timeout)
+        with self._client_lock:  # one client while the address and key stay (a new one costs ~45 ms: its SSL context)
+            if self._client is None or self._client[0] != (url, key):
+                self._client = ((url, key), LabelStudio(base_url=url, api_key=key, timeout=self.settings.download_timeout))
+            return self._client[1]
 
     def process(self, items: list[Item]) -> None:
         """One batch of one project: read, skip what this version has predicted, predict, push, mark done."""
@@ -124,8 +134,7 @@ class ProjectFollower:
         version = backend.version_for(config, ontology)
         found = {t["id"]: t for t in self._tasks(client, project, [i.task for i in items])}
         errors = {i.task: "the task no longer exists" for i in items if i.task not in found}
-        todo = [{"id": t["id"], "data": t["data"]} for t in found.values()
-                if version not in (t.get("predictions_model_versions") or "").split(",")]
+        todo = [{"id": t["id"], "data": t["data"]} for t in found.values() if version not in predicted_versions(t)]
         if todo:
             if config.videos:
                 entries = self.run_job(lambda between: backend.predict_tasks(
