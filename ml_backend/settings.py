@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     # Following projects (see README "Data that keeps arriving"): new tasks are pre-annotated as they are created.
     follow: bool = True  # queue Label Studio's TASKS_CREATED webhooks and pre-annotate those tasks
     follow_rate: float = Field(0.0, ge=0)  # tasks per second at most (0: no cap); clicks always go first
+    follow_batch_images: int = Field(1, ge=1)  # images per model batch of followed tasks: a click waits for one batch
     public_url: str | None = None  # this server's address as Label Studio reaches it (for the webhook it adds)
 
     # START_TRAINING runs `prelabel distill --project ID` with these extra arguments (e.g. "--epochs 20").

@@ -110,13 +110,15 @@ def select_model_version(client, project_id: int, version: str) -> bool:
         return False
 
 
+def prediction_rows(tasks: list[dict], entries: list[dict], version: str) -> list[dict]:
+    """What Label Studio's bulk prediction import takes, for the tasks that did not fail."""
+    return [{"task": task["id"], "result": entry["result"], "score": entry["score"], "model_version": version}
+            for task, entry in zip(tasks, entries) if "error" not in entry]
+
+
 def push_predictions(client, project_id: int, tasks: list[dict], entries: list[dict], version: str) -> None:
     """One bulk request per batch; failed tasks push nothing (the next run retries them)."""
-    predictions = [
-        {"task": task["id"], "result": entry["result"], "score": entry["score"], "model_version": version}
-        for task, entry in zip(tasks, entries)
-        if "error" not in entry
-    ]
+    predictions = prediction_rows(tasks, entries, version)
     if predictions:
         client.projects.import_predictions(id=project_id, request=predictions)
 

@@ -22,7 +22,7 @@ import httpx
 
 from ..errors import PrelabelError, RequestError
 from ..follow import Item, RateLimit, WorkQueue
-from .annotate import push_predictions, record_errors
+from .annotate import prediction_rows, record_errors
 from .config import parse_config
 
 if TYPE_CHECKING:
@@ -140,12 +140,29 @@ class ProjectFollower:
                 entries = self.run_job(lambda between: backend.predict_tasks(
                     todo, config, ontology, version, progress=lambda _n: between()))
             else:
-                entries = self.predict(backend.load_tasks(todo, config), config, ontology, version)
-            push_predictions(client, project, todo, entries, version)
+                entries = self.predict(backend.load_tasks(todo, config), config, ontology, version,
+                                       self.settings.follow_batch_images)
+            self.push(project, todo, entries, version)
             record_errors(client, project, todo, entries)
             errors |= {t["id"]: e["error"]["message"] for t, e in zip(todo, entries) if "error" in e}
             backend.metrics.count("follow_tasks_predicted", sum("error" not in e for e in entries))
         self.queue.done(items, errors)
+
+    def push(self, project: int, tasks: list[dict], entries: list[dict], version: str) -> None:
+        """`push_predictions`, encoded by the C JSON encoder in this thread (the SDK encodes a page of brush RLE
+        element by element in Python, holding the GIL the model thread needs for clicks)."""
+        rows = prediction_rows(tasks, entries, version)
+        if not rows:
+            return
+        loader = self.backend.loader
+        url = f"{loader.label_studio_url}/api/projects/{project}/import/predictions"
+        headers = loader.headers_for(url) | {"Content-Type": "application/json"}
+        response = loader.client.post(url, content=json.dumps(rows).encode(), headers=headers,
+                                      timeout=self.settings.download_timeout)
+        if response.status_code >= 400:
+            raise httpx.HTTPStatusError(f"Label Studio refused the predictions of project {project}: "
+                                        f"{response.status_code} {response.text[:200]}", request=response.request,
+                                        response=response)
 
     @staticmethod
     def _tasks(client, project: int, ids: list[int]) -> list[dict]:

@@ -215,6 +215,10 @@ class LabelStudioImageSource:
                      f"({LIMIT_SETTING[what]})")
 
     # -- HTTP ---------------------------------------------------------------------------------------------------
+    def headers_for(self, url: str) -> dict[str, str]:
+        """The Authorization header for `url`: Label Studio's own host only."""
+        return self._headers_for(url)
+
     def _headers_for(self, url: str) -> dict[str, str]:
         if self._auth and self._ls_url and origin(url) == origin(self._ls_url):
             return self._auth.header()

@@ -127,6 +127,7 @@ class _BatchJob:
     args: tuple  # (config, ontology, version)
     entries: list
     pieces: int = 0
+    max_images: int | None = None  # per model batch, where it is smaller than the worker's
 
 
 @dataclass
@@ -225,13 +226,15 @@ class InferenceWorker:
         """One entry per task, as `LabelStudioBackend.infer` gives."""
         return await self._submit(_Waiter(), batch, config, ontology, version).future
 
-    def predict_blocking(self, batch: LoadedTasks, config, ontology, version: str) -> list[dict]:
-        """The same from another thread (the follower), in the batch lane: clicks keep their priority."""
-        return self._submit(_ThreadWaiter(), batch, config, ontology, version).wait()
+    def predict_blocking(self, batch: LoadedTasks, config, ontology, version: str, max_images: int | None = None) -> list[dict]:
+        """The same from another thread (the follower), in the batch lane: clicks keep their priority;
+        `max_images` per model batch (the follower's background feed uses small pieces, so a click waits less)."""
+        return self._submit(_ThreadWaiter(), batch, config, ontology, version, max_images).wait()
 
-    def _submit(self, waiter, batch: LoadedTasks, config, ontology, version: str):
-        job = _BatchJob(waiter, (version, repr(config)), (config, ontology, version), list(batch.entries))
-        pieces = [_Piece(job, start, part) for start, part in _split(batch, self.max_images)]
+    def _submit(self, waiter, batch: LoadedTasks, config, ontology, version: str, max_images: int | None = None):
+        job = _BatchJob(waiter, (version, repr(config), max_images), (config, ontology, version), list(batch.entries),
+                        max_images=max_images)
+        pieces = [_Piece(job, start, part) for start, part in _split(batch, max_images or self.max_images)]
         job.pieces = len(pieces)
         with self._cond:
             self._pieces.extend(pieces)
@@ -267,15 +270,16 @@ class InferenceWorker:
         up to wait_s for more unless an interactive call arrives."""
         first = self._pieces.popleft()
         group, images = [first], first.n_images
+        cap = first.job.max_images or self.max_images
         deadline = time.monotonic() + self.wait_s
-        while images < self.max_images:
+        while images < cap:
             for piece in list(self._pieces):
-                if piece.job.key == first.job.key and images + piece.n_images <= self.max_images:
+                if piece.job.key == first.job.key and images + piece.n_images <= cap:
                     self._pieces.remove(piece)
                     group.append(piece)
                     images += piece.n_images
             left = deadline - time.monotonic()
-            if images >= self.max_images or left <= 0 or self._calls or self._closed:
+            if images >= cap or left <= 0 or self._calls or self._closed:
                 break
             self._cond.wait(left)
         return group
