@@ -161,6 +161,7 @@ def _listening(url: str) -> bool:
         return False
 
 
+@pytest.mark.slow  # ~7 s of cvat-sdk's own retries while the server is down (the full suite runs it)
 def test_cvat_down_for_a_few_polls_then_back_loses_nothing(cvat, annotator, tmp_path, monkeypatch):
     cvat.add_task(1, LABELS, frames(2), mode="annotation")
     running = Running(cvat, annotator, tmp_path, monkeypatch)

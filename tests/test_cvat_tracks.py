@@ -226,6 +226,7 @@ def test_errors_are_one_line_and_exit_2_before_any_model_loads(cvat, setup, case
     assert cvat.written == []
 
 
+@pytest.mark.slow  # waits out cvat-sdk's retries (the full suite runs it)
 def test_an_unreachable_server_and_a_frame_that_does_not_decode_are_named(cvat, setup):
     result = CliRunner().invoke(app, ["cvat", "track", "5", "--url", f"http://127.0.0.1:{free_port()}",
                                       "--token", TOKEN, "--prompts", str(setup.prompts)], env=setup.env)

@@ -85,6 +85,7 @@ def test_training_uses_the_threads_asked_for_and_gives_the_callers_back(data, tm
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.slow  # starts the CLI in a subprocess (the full suite runs it)
 def test_the_cli_makes_openmp_wait_passively_before_torch_loads():
     """In a fresh process, as `prelabel distill` runs: the policy is set before torch is imported (here the command
     stops at a usage error, after setting it), and a later call, torch loaded, changes nothing."""

@@ -207,6 +207,7 @@ def cached_workbench(tmp_path, ref: str):
         {"MODEL_DIR": str(model_dir), "HF_HUB_OFFLINE": "1", "COLUMNS": "220"}
 
 
+@pytest.mark.slow  # builds a workbench run end to end (the full suite runs it)
 def test_prompts_eval_with_targets_writes_the_chosen_thresholds_intervals_and_what_is_not_reached(tiny_models,
                                                                                                    tmp_path):
     args, env = cached_workbench(tmp_path, str(tiny_models["detector"]))

@@ -99,6 +99,7 @@ def test_a_wrong_api_key_against_a_real_label_studio(label_studio, monkeypatch, 
         assert "refused the API key" in output and "Access Token" in output and "{'detail'" not in output
 
 
+@pytest.mark.slow  # ~3 s of the SDK retrying a closed port (the full suite runs it)
 def test_an_unreachable_label_studio_is_one_line_not_a_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("MODEL_DIR", str(tmp_path))
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
