@@ -73,9 +73,9 @@ class WorkQueue:
                 self._wake.notify_all()
         return added
 
-    def claim(self, limit: int, wait_s: float = 0.0) -> list[Item]:
+    def claim(self, limit: int, wait_s: float = 0.0, stop: threading.Event | None = None) -> list[Item]:
         """Up to `limit` due tasks of one (source, project), oldest first, marked as being worked on; waits up to
-        `wait_s` for some to arrive."""
+        `wait_s` for some to arrive (or until `stop` is set and `wake` called)."""
         deadline = time.monotonic() + wait_s
         with self._lock:
             while True:
@@ -83,7 +83,7 @@ class WorkQueue:
                 first = self._db.execute("SELECT source, project FROM queue WHERE state = 'queued' AND not_before <= ? "
                                          "ORDER BY enqueued_at, task LIMIT 1", (now,)).fetchone()
                 left = deadline - time.monotonic()
-                if first is not None or left <= 0:
+                if first is not None or left <= 0 or (stop is not None and stop.is_set()):
                     break
                 self._wake.wait(min(left, 0.5))
             if first is None:
@@ -95,6 +95,11 @@ class WorkQueue:
             self._db.executemany("UPDATE queue SET state = 'working' WHERE source = ? AND project = ? AND task = ?",
                                  [r[:3] for r in rows])
         return [Item(*r) for r in rows]
+
+    def wake(self) -> None:
+        """Wakes whoever waits in `claim` (to see a stop)."""
+        with self._lock:
+            self._wake.notify_all()
 
     def done(self, items: list[Item], errors: dict[int, str] | None = None) -> None:
         errors = errors or {}

@@ -64,6 +64,7 @@ class ProjectFollower:
         self.rate = RateLimit(self.settings.follow_rate)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="follow", daemon=True)
+        self._start_lock = threading.Lock()
         self._told: set[str] = set()
         self._client, self._client_lock = None, threading.Lock()
         self.webhooks: dict[int, int] = {}  # project -> id of the webhook we added
@@ -73,21 +74,26 @@ class ProjectFollower:
         ids = created_task_ids(payload)
         added = self.queue.enqueue(SOURCE, project, ids)
         self.backend.metrics.count("follow_tasks_received", len(ids))
+        self.start()
         return {"status": "queued", "project": project, "tasks": len(ids), "new": added}
 
     # -- the thread ---------------------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        """Starts the thread once (at the first new task, or at start-up when a backlog waits from before)."""
+        with self._start_lock:
+            if self._thread.ident is None and not self._stop.is_set():
+                self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
+        self.queue.wake()
         if self._thread.is_alive():
             self._thread.join(30)
         self.remove_webhooks()
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            items = self.queue.claim(self.settings.batch_size, wait_s=1.0)
+            items = self.queue.claim(self.settings.batch_size, wait_s=5.0, stop=self._stop)
             if not items:
                 continue
             self.rate.take(len(items), self._stop)

@@ -382,7 +382,7 @@ def create_app(engine: Engine, loader: LabelStudioImageSource | None = None, sto
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if settings.follow:
+        if settings.follow and follower.queue.stats()["backlog"]:  # left from before a restart
             follower.start()
         yield
         await run_in_threadpool(follower.stop)
