@@ -184,31 +184,17 @@ def follow_folder(
     polling every `poll` seconds for images added later, until `stop` is set or Ctrl-C. `status` gets the progress
     after every poll and batch; `failure` each image that failed, as it fails."""
     from . import coco
-    from .labelstudio.annotate import (RUN_LOGGERS, _assemble, _read_journal, by_file, folder_output,
-                                       local_files_ref)
-    from .labelstudio.config import parse_config
-    from .labelstudio.stack import engine_label_config
+    from .labelstudio.annotate import (RUN_LOGGERS, _assemble, _read_journal, by_file, local_files_ref,
+                                       start_folder_run)
     from .media import MediaItem
     from .runner import listed_after_the_run
 
     if poll <= 0:
         raise ConfigError(f"--poll {poll}: give a positive number of seconds")
-    root = backend.settings.local_files_document_root
-    if root is None:
-        raise ConfigError("folder mode reads images as local files: set LOCAL_FILES_DOCUMENT_ROOT (a parent of the folder)")
-    folder, root = folder.resolve(), Path(root).resolve()
-    if not folder.is_dir():
-        raise ConfigError(f"{folder} is not a folder")
-    if not folder.is_relative_to(root) or folder == root:
-        raise ConfigError(f"{folder} is not strictly below LOCAL_FILES_DOCUMENT_ROOT {root} (as Label Studio requires)")
+    if backend.settings.local_files_document_root is not None and not folder.resolve().is_dir():
+        raise ConfigError(f"{folder.resolve()} is not a folder")
     stop = stop or threading.Event()
-    out = folder_output(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    xml = engine_label_config(backend.engine)
-    out.label_config.write_text(xml + "\n")
-    config = parse_config(xml)
-    ontology = backend.ontology_for(config)
-    version = backend.version_for(config, ontology)
+    folder, root, out, config, ontology, version = start_folder_run(folder, out_dir, backend)
     records = _read_journal(out.journal, version)
     arrivals = Arrivals(folder, root, set(records), incomplete_tries, incomplete_seconds)
     report = Report(skipped={"already predicted": len(records)}, model_version=version)

@@ -274,17 +274,9 @@ def by_file(entry: dict, task: dict, name: str) -> dict:
     return {"task": name, "error": entry["error"] | {"message": message if name in message else f"{name}: {message}"}}
 
 
-def annotate_folder(
-    folder: Path,
-    out_dir: Path,
-    backend: LabelStudioBackend,
-    batch_size: int = 4,
-    limit: int | None = None,
-    url_prefix: str | None = None,
-) -> Report:
-    """Pre-annotate the images below `folder` into `out_dir`: `tasks.json` (import it into a project whose config
-    is `label_config.xml`; images addressed as local-files storage below LOCAL_FILES_DOCUMENT_ROOT, or as
-    `url_prefix` + relative path) and `coco.json`."""
+def start_folder_run(folder: Path, out_dir: Path, backend: LabelStudioBackend):
+    """Folder mode's checks and outputs' start: (folder, LOCAL_FILES_DOCUMENT_ROOT, outputs, config, ontology,
+    model version), with `label_config.xml` written."""
     root = backend.settings.local_files_document_root
     if root is None:
         raise ConfigError("folder mode reads images as local files: set LOCAL_FILES_DOCUMENT_ROOT (a parent of the folder)")
@@ -297,7 +289,21 @@ def annotate_folder(
     out.label_config.write_text(xml + "\n")
     config = parse_config(xml)
     ontology = backend.ontology_for(config)
-    version = backend.version_for(config, ontology)
+    return folder, root, out, config, ontology, backend.version_for(config, ontology)
+
+
+def annotate_folder(
+    folder: Path,
+    out_dir: Path,
+    backend: LabelStudioBackend,
+    batch_size: int = 4,
+    limit: int | None = None,
+    url_prefix: str | None = None,
+) -> Report:
+    """Pre-annotate the images below `folder` into `out_dir`: `tasks.json` (import it into a project whose config
+    is `label_config.xml`; images addressed as local-files storage below LOCAL_FILES_DOCUMENT_ROOT, or as
+    `url_prefix` + relative path) and `coco.json`."""
+    folder, root, out, config, ontology, version = start_folder_run(folder, out_dir, backend)
     files = image_files(folder)
     if not files:
         raise ConfigError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
