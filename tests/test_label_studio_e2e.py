@@ -147,6 +147,17 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
 
 
+def logged_in_page(browser, label_studio: str):
+    """A browser page logged in to Label Studio as the test user."""
+    page = browser.new_page(viewport={"width": 1400, "height": 900})
+    page.goto(f"{label_studio}/user/login/")
+    page.fill("#email", USER)
+    page.fill("#password", PASSWORD)
+    page.press("#password", "Enter")
+    page.wait_for_url(lambda url: "/user/login" not in url, timeout=60_000)
+    return page
+
+
 @pytest.mark.browser
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is installed by `make test`")
 def test_labeling_page_shows_our_prediction_regions(label_studio, ls, connected):
@@ -159,12 +170,7 @@ def test_labeling_page_shows_our_prediction_regions(label_studio, ls, connected)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"{label_studio}/user/login/")
-            page.fill("#email", USER)
-            page.fill("#password", PASSWORD)
-            page.press("#password", "Enter")
-            page.wait_for_url(lambda url: "/user/login" not in url, timeout=60_000)
+            page = logged_in_page(browser, label_studio)
             page.goto(f"{label_studio}/projects/{project.id}/data?task={uploaded[0]}")
             page.wait_for_selector(".lsf-outliner-item", timeout=90_000)
             page.wait_for_selector(".konvajs-content canvas", timeout=30_000)

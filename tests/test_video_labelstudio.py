@@ -18,7 +18,9 @@ from ml_backend.models.registry import write_tiny
 from ml_backend.settings import Settings
 from ml_backend.video.synthetic import Mover, write_video
 
-from .conftest import LEGACY_TOKEN, PASSWORD, USER, RunningServer
+from .conftest import LEGACY_TOKEN, RunningServer
+from .test_label_studio_e2e import ARTIFACTS, CHROMIUM, logged_in_page
+from .test_label_studio_e2e import CHROMIUM_ARGS as E2E_CHROMIUM_ARGS
 
 pytest.importorskip("label_studio", reason="Label Studio is installed by the project's test extra")
 from label_studio_sdk.client import LabelStudio  # noqa: E402
@@ -149,11 +151,7 @@ def test_annotate_a_video_project_task_by_task_and_resume(label_studio, ls, vide
     assert (again.total, again.done, again.skipped["already predicted"]) == (1, 0, 3)  # only the bad one is retried
 
 
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic",
-                 "--autoplay-policy=no-user-gesture-required"]
+CHROMIUM_ARGS = [*E2E_CHROMIUM_ARGS, "--autoplay-policy=no-user-gesture-required"]
 
 
 @pytest.mark.browser
@@ -169,12 +167,7 @@ def test_video_labeling_page_shows_the_tracks(label_studio, ls, server, image_di
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.goto(f"{label_studio}/user/login/")
-            page.fill("#email", USER)
-            page.fill("#password", PASSWORD)
-            page.press("#password", "Enter")
-            page.wait_for_url(lambda url: "/user/login" not in url, timeout=60_000)
+            page = logged_in_page(browser, label_studio)
             page.goto(f"{label_studio}/projects/{project.id}/data?task={uploaded[0]}")
             page.wait_for_selector(".lsf-outliner-item", timeout=90_000)
             page.wait_for_function("() => { const v = document.querySelector('video'); return v && v.readyState >= 2 }",
