@@ -16,7 +16,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import supervision as sv
@@ -264,9 +264,11 @@ class Engine:
     def run(self, items: list[MediaItem], spec: RequestSpec) -> list[ItemResult]:
         return list(self.iter_run(items, spec))
 
-    def iter_run(self, items: list[MediaItem], spec: RequestSpec) -> Iterator[ItemResult]:
+    def iter_run(self, items: list[MediaItem], spec: RequestSpec,
+                 between: Callable[[], None] | None = None) -> Iterator[ItemResult]:
         """One `ItemResult` per item, in order. Masks are added one item at a time as results are taken, so a
-        consumer that converts and drops each result never holds a batch's full-size masks at once."""
+        consumer that converts and drops each result never holds a batch's full-size masks at once. `between()`
+        runs before each item's masks (where the server's batch thread yields to clicks)."""
         if spec.classify:
             self.require_classifier("the classifications " + ", ".join(repr(r.name) for r in spec.classify))
         if spec.masks and spec.detects and not self.detector_masks:
@@ -278,6 +280,8 @@ class Engine:
             if result.error is None and not self._wants_masks(spec, result.detections):
                 result.detections.mask = None  # a detector's own masks (SAM 3) where none were asked for
             elif result.error is None and result.detections.mask is None:
+                if between is not None:
+                    between()
                 try:
                     self.add_masks(item.array, result.detections)
                 except PrelabelError:

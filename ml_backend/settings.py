@@ -57,13 +57,14 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(64 * 2**20, ge=1)  # request bodies over this get 413
     queue_size: int = Field(64, ge=1)  # /predict requests admitted at once per lane; more get 503 + Retry-After
     batch_wait_ms: float = Field(10.0, ge=0)  # how long a small batch waits for concurrent requests to join it
+    background_nice: int = Field(10, ge=0, le=19)  # how far batch/follower threads lower their priority (Linux)
     # Hosts images may come from besides Label Studio: names, *.suffix, IPs or CIDRs; "*" = any public address.
     allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # Following projects (see README "Data that keeps arriving"): new tasks are pre-annotated as they are created.
     follow: bool = True  # queue Label Studio's TASKS_CREATED webhooks and pre-annotate those tasks
     follow_rate: float = Field(0.0, ge=0)  # tasks per second at most (0: no cap); clicks always go first
-    follow_batch_images: int = Field(1, ge=1)  # images per model batch of followed tasks: a click waits for one batch
+    follow_batch_images: int = Field(1, ge=1)  # images per model batch of followed tasks (the batch thread yields between)
     public_url: str | None = None  # this server's address as Label Studio reaches it (for the webhook it adds)
 
     # START_TRAINING runs `prelabel distill --project ID` with these extra arguments (e.g. "--epochs 20").

@@ -5,7 +5,8 @@ Every candidate prompt of a label runs alone (an ontology of that one label with
 threshold, so that the precision/recall curve covers the whole range; the human annotations are the ground truth.
 Per candidate: AP (mAP@[.5:.95]) and AP50 by pycocotools (`evaluation.coco_evaluate`), and the score threshold that
 maximises F1 at IoU 0.5 with its precision and recall; with targets (`--target precision=0.95`, see operating.py)
-also its operating point: the threshold that meets the target, P/R/F1 there with 95% intervals. Model outputs are
+also its operating point: the threshold that meets the target, P/R/F1 there with 95% intervals, and the winner
+is then the candidate (and the detector the one) that meets the targets with the most recall. Model outputs are
 cached per image content, model and prompt (`PredictionCache`, one SQLite file), so a new candidate costs only its own
 runs and a re-run costs none.
 With several detectors (e.g. Grounding DINO and SAM 3), each label also gets a teacher comparison: every detector's
@@ -255,8 +256,20 @@ class CandidateResult:
     def name(self) -> str:
         return " | ".join(self.prompts)
 
-    def rank(self) -> tuple[float, float, float]:
-        return self.ap, self.ap50, (self.best or {}).get("f1", 0.0)
+    def rank(self) -> tuple[float, ...]:
+        """Better first: AP, then AP50, then the best F1. With a target, first whether it is met and what is
+        left to win there (recall; for a recall target, precision), or, when not met, how close it comes."""
+        base = (self.ap, self.ap50, (self.best or {}).get("f1", 0.0))
+        op = self.operating
+        if op is None or op.target is None:
+            return base
+        if op.met:
+            return (1.0, (op.precision if op.target.metric == "recall" else op.recall) or 0.0, *base)
+        return (0.0, (op.best or {}).get("value") or 0.0, *base)
+
+    @property
+    def meets(self) -> bool:
+        return bool(self.operating is not None and self.operating.met)
 
     def summary(self) -> dict:
         return {"prompts": self.prompts, "ap": self.ap, "ap50": self.ap50, "best": self.best} | (
@@ -265,7 +278,7 @@ class CandidateResult:
 
 @dataclass
 class TeacherComparison:
-    """One label under every detector: each one's best candidate (by AP, then AP50, then F1), and the better
+    """One label under every detector: each one's best candidate (`CandidateResult.rank`), and the better
     teacher (the earlier model on a tie)."""
 
     label: str
@@ -283,7 +296,10 @@ class TeacherComparison:
         return cls(label, best, better)
 
     def as_dict(self) -> dict:
-        return {"better": self.better, "by": "ap, then ap50, then f1",
+        by = "ap, then ap50, then f1"
+        if any(r.operating is not None and r.operating.target is not None for r in self.best.values()):
+            by = "target met, then recall there (precision for a recall target) or how close it comes, then " + by
+        return {"better": self.better, "by": by,
                 "models": {m: r.summary() for m, r in self.best.items()}}
 
 
@@ -317,6 +333,10 @@ class WorkbenchReport:
         return {m: round(float(np.mean([max((r.ap for r in self.results if r.model == m and r.label == lab),
                                             default=0.0) for lab in labels])), 4) for m in self.models}
 
+    def targets_met(self) -> dict[str, int]:
+        """Per model: the labels where one of its candidates meets the target (0 without targets)."""
+        return {m: len({r.label for r in self.results if r.model == m and r.meets}) for m in self.models}
+
     def as_dict(self) -> dict:
         def one(r: CandidateResult) -> dict:
             d = {k: getattr(r, k) for k in ("model", "label", "prompts", "ap", "ap50", "truth", "predicted", "best")}
@@ -329,6 +349,7 @@ class WorkbenchReport:
         return {
             "images": self.images, "unannotated": self.unannotated, "models": self.models, "params": asdict(self.params),
             "model_scores": self.model_scores(), "detector": self.detector,
+            **({"targets_met": self.targets_met()} if self.targets else {}),
             "winners": {label: r.summary() for label, r in self.winners.items()},
             "teachers": {label: t.as_dict() for label, t in self.teachers.items()},
             "results": [one(r) for r in self.results],
@@ -483,12 +504,13 @@ class Workbench:
         report = WorkbenchReport(images=len(self.records), models=models, params=self.params, results=results,
                                  detector=models[0], winners={}, computed=self.computed, cached=self.cached,
                                  calls=self.calls, unannotated=self.unannotated, targets=self.targets.as_list())
-        scores = report.model_scores()
-        report.detector = max(models, key=lambda m: (scores[m], -models.index(m)))
+        scores, met = report.model_scores(), report.targets_met()
+        report.detector = max(models, key=lambda m: (met[m], scores[m], -models.index(m)))
         used: set[str] = set()
         for label in candidates.labels:
             mine = [r for r in results if r.label == label and r.model == report.detector]
-            # best first; the earlier candidate wins a tie (stable sort). A prompt already won by another label
+            # best first (with a target: met, then most recall there); the earlier candidate wins a tie (stable
+            # sort). A prompt already won by another label
             # cannot be reused (an ontology gives each prompt to one label).
             ranked = sorted(mine, key=lambda r: r.rank(), reverse=True)
             winner = next((r for r in ranked if not used & set(r.prompts)), None)
@@ -536,6 +558,8 @@ def winning_prompts(report: WorkbenchReport, source: str = "") -> str:
         "# that maximised F1 at IoU 0.5. The numbers are in report.json beside this file.",
     ]
     if report.targets:
+        header[1] = ("# Per label the candidate that meets its target with the most recall (else the closest), then "
+                     "best AP; threshold: the score")
         header[2:] = ["# that meets the target (" + ", ".join(report.targets) + ") with the most recall at IoU 0.5, or",
                       "# says it is not reached; P/R/F1 there with " + INTERVALS + ".",
                       "# The numbers are in report.json beside this file."]

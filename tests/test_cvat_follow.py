@@ -146,6 +146,11 @@ def test_webhooks_queue_their_task_only_with_the_right_signature(cvat, annotator
     assert good.status_code == 200 and good.json() == {"queued": 7}
     running.wait_for(lambda: running.state(7) == "done")
     assert post(created(7)).json() == {"queued": 7}  # CVAT redelivering: still once
+    follow = httpx.get(url.replace("/webhook", "/metrics"), timeout=10).json()["follow"]
+    assert follow | {"oldest_waiting_s": 0, "rate_per_s": 0} == {
+        "backlog": 0, "oldest_waiting_s": 0, "rate_per_s": 0, "done": 1, "skipped": 0, "failed": 0,
+        "cvat_outages": 0, "polling": False}
+    assert follow["rate_per_s"] > 0
     time.sleep(0.3)
     assert running.state(8) is None
     running.stop()
@@ -204,5 +209,8 @@ def test_the_queue_survives_a_reopen_and_requeues_failures(tmp_path):
     queue.close()
     queue = TaskQueue(path)
     assert queue.queued() == [4] and queue.states()[2] == ("failed", "labels do not match")
+    stats = queue.stats()
+    assert (stats["backlog"], stats["failed"], stats["done"]) == (1, 1, 0) and stats["oldest_waiting_s"] >= 0
     assert queue.retry_failed() == 1 and sorted(queue.queued()) == [2, 4]
+    assert queue.stats()["backlog"] == 2
     queue.close()

@@ -164,35 +164,45 @@ def keypoint_click(image: str) -> dict:
     return {"tasks": [{"id": 99, "data": {"image": image}}], "label_config": CONFIG, "params": {"context": {"result": [region]}}}
 
 
-def test_an_interactive_click_does_not_wait_for_a_long_batch(serve, base_pipeline):
-    # batch_size=1: a 6-task batch is 6 model calls; a click waits for the one running at most, never for the rest
+def test_a_click_runs_beside_a_batch_model_call_that_is_still_running(serve, base_pipeline):
+    # batch_size=1: a 6-task batch is 6 model calls; while the first is held, a click is answered
     detector = GatedDetector(base_pipeline.detector)
     server = serve(detector, batch_size=1, batch_wait_ms=0)
     thread, out = in_background(post_predict, server.url, box_tasks(*range(50, 56)))
     try:
         wait_for(lambda: detector.calls == 1)  # the batch's first model call is running
-        clicked, click = in_background(lambda: httpx.post(f"{server.url}/predict", json=keypoint_click(data_uri(80, 60)),
-                                                          timeout=60))
-        wait_for(lambda: queue(server)["waiting"]["interactive"] == 1, timeout=30)  # the click waits for the model
-        detector.allow(1)  # the running call ends; the batch's next calls are not allowed yet
-        wait_for(lambda: not clicked.is_alive(), timeout=30)
-        assert detector.calls <= 2 and thread.is_alive(), "the click came back while the batch was still held"
+        click = httpx.post(f"{server.url}/predict", json=keypoint_click(data_uri(80, 60)), timeout=60)
+        assert (detector.calls, detector.allowed) == (1, 0) and thread.is_alive(), "the click waited for the batch"
     finally:
         detector.allow(float("inf"))
-    assert click[0].status_code == 200 and click[0].json()["results"][0]["result"]
+    assert click.status_code == 200 and click.json()["results"][0]["result"]
     thread.join(30)
     assert [len(r["result"]) > 0 for r in out[0].json()["results"]] == [True] * 6
 
 
-class GatedSegmenter(GatedDetector):
-    """The real tiny segmenter behind the same gate: each `segment` call waits until the test allows it."""
+MASKS = ('<View><Image name="i" value="$img"/><RectangleLabels name="r" toName="i"><Label value="Car"/></RectangleLabels>'
+         '<BrushLabels name="m" toName="i"><Label value="Car"/></BrushLabels></View>')
+
+
+class ClickGate:
+    """The real tiny segmenter; a click's call (points) waits until `release` is set. `log` holds the calls in
+    order: "click", "click done", "boxes" (a batch image's masks)."""
+
+    def __init__(self, inner):
+        self.inner, self.model_id = inner, inner.model_id
+        self.log: list[str] = []
+        self.release = threading.Event()
 
     def segment(self, image, boxes=None, points=None, point_labels=None):
-        with self._cond:
-            self.calls += 1
-            if not self._cond.wait_for(lambda: self.allowed >= self.calls, timeout=120):
-                raise RuntimeError("the test never allowed this segmenter call")
-        return self.inner.segment(image, boxes=boxes, points=points, point_labels=point_labels)
+        if points is None:
+            self.log.append("boxes")
+            return self.inner.segment(image, boxes=boxes)
+        self.log.append("click")
+        if not self.release.wait(120):
+            raise RuntimeError("the test never released the click")
+        out = self.inner.segment(image, boxes=boxes, points=points, point_labels=point_labels)
+        self.log.append("click done")
+        return out
 
     def prepare(self, image):
         self.inner.prepare(image)
@@ -201,29 +211,29 @@ class GatedSegmenter(GatedDetector):
         return self.inner.cache_info()
 
 
-MASKS = ('<View><Image name="i" value="$img"/><RectangleLabels name="r" toName="i"><Label value="Car"/></RectangleLabels>'
-         '<BrushLabels name="m" toName="i"><Label value="Car"/></BrushLabels></View>')
-
-
-def test_a_click_is_served_between_the_images_of_a_running_batch(base_pipeline, tmp_path):
-    # one batch piece of 3 images with masks: a click that arrives during the first image's masks is answered
-    # before the second image's, not after the whole piece
-    segmenter = GatedSegmenter(base_pipeline.segmenter)
+def test_a_running_batch_yields_to_a_click_at_its_next_step(base_pipeline, tmp_path):
+    # one batch piece of 3 images with masks: a click arrives while the batch detects; the batch's next step (the
+    # first image's masks) waits until the click is answered
+    detector, segmenter = GatedDetector(base_pipeline.detector), ClickGate(base_pipeline.segmenter)
     settings = make_settings(base_pipeline, tmp_path, batch_size=3, batch_wait_ms=0)
-    server = RunningServer(create_app(Engine(base_pipeline.detector, segmenter, PromptsFile(), settings)))
-    thread, out = in_background(lambda: post_predict(server.url, box_tasks(60, 70, 80), MASKS))
+    server = RunningServer(create_app(Engine(detector, segmenter, PromptsFile(), settings)))
+    batch, out = in_background(lambda: post_predict(server.url, box_tasks(60, 70, 80), MASKS))
     try:
-        wait_for(lambda: segmenter.calls == 1, timeout=60)  # the first image's masks are being made
+        wait_for(lambda: detector.calls == 1, timeout=60)  # the batch's detection is running (held)
         clicked, click = in_background(lambda: httpx.post(f"{server.url}/predict", json=keypoint_click(data_uri(80, 60)),
                                                           timeout=60))
-        wait_for(lambda: queue(server)["waiting"]["interactive"] == 1, timeout=30)
-        segmenter.allow(2)  # the first image's masks, then one more call: the click's, if it goes next
-        wait_for(lambda: not clicked.is_alive(), timeout=30)
-        assert thread.is_alive() and segmenter.calls <= 3, "the click waited for the rest of the batch"
+        wait_for(lambda: segmenter.log == ["click"], timeout=30)  # the click runs beside it
+        detector.allow(1)  # the detection ends; the batch goes on to its next step
+        wait_for(lambda: queue(server)["waiting"]["batch_yielding"] == 1, timeout=30)
+        assert segmenter.log == ["click"], "the batch made masks while the click ran"
+        segmenter.release.set()
+        clicked.join(30)
+        batch.join(60)
     finally:
-        segmenter.allow(float("inf"))
-        thread.join(60)
+        detector.allow(float("inf"))
+        segmenter.release.set()
         server.stop()
+    assert segmenter.log[:2] == ["click", "click done"] and segmenter.log[2:] == ["boxes"] * 3
     assert click[0].status_code == 200 and click[0].json()["results"][0]["result"]
     assert [{r["type"] for r in e["result"]} for e in out[0].json()["results"]] == [{"rectanglelabels", "brushlabels"}] * 3
 

@@ -5,6 +5,7 @@ pycocotools gives, and the outputs of `prelabel prompts eval --target` and of di
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,7 +21,9 @@ from ml_backend.operating import (
     Target, TargetError, Targets, f1_interval, operating_point, operating_points, threshold_points,
 )
 from ml_backend.types import make_detections
-from ml_backend.workbench import DetectParams, PredictionCache, image_hash, model_key
+from ml_backend.workbench import (
+    CandidateResult, DetectParams, PredictionCache, TeacherComparison, WorkbenchReport, image_hash, model_key,
+)
 
 from .test_workbench import coco_doc, write_images
 
@@ -309,3 +312,32 @@ def test_distill_names_a_bad_target_before_training(tmp_path):
     result = CliRunner().invoke(app, base + ["--target", "precision=2"])
     assert result.exit_code == 2 and "--target 'precision=2'" in result.output
     assert not (tmp_path / "student" / "checkpoints").exists()
+
+
+# -- choosing the winner by the target ---------------------------------------------------------------------------
+
+
+def test_with_a_target_the_candidate_that_meets_it_wins_over_a_better_ap():
+    target = Target.parse("precision=0.9")
+    # 'car': P 1.0 at .8 with recall .5 (meets it); 'auto': its best precision is 3/4 (misses it), but a better AP
+    meets = operating_point("Car", Matches.of([.9, .8, .7], [1, 1, 0], 4), target)
+    misses = operating_point("Car", Matches.of([.9, .8, .7, .6], [0, 1, 1, 1], 4), target)
+    auto = CandidateResult("m1", "Car", ["auto"], ap=0.6, ap50=0.8, truth=4, predicted=4, best=None, operating=misses)
+    car = CandidateResult("m2", "Car", ["car"], ap=0.4, ap50=0.5, truth=4, predicted=3, best=None, operating=meets)
+    assert (meets.met, meets.recall, misses.met) == (True, 0.5, False)
+    assert max([auto, car], key=CandidateResult.rank) is car
+    assert max([replace(auto, operating=None), replace(car, operating=None)], key=CandidateResult.rank).name == "auto"
+    # both meet it: the one with more recall there wins, whatever the AP
+    more = operating_point("Car", Matches.of([.9, .8, .7], [1, 1, 1], 4), target)
+    assert max([car, replace(car, prompts=["vehicle"], ap=0.1, operating=more)], key=CandidateResult.rank).name == "vehicle"
+    # neither meets it: the closer one
+    closer = operating_point("Car", Matches.of([.9, .8, .7], [0, 1, 1], 4), target)  # best precision 2/3
+    far = operating_point("Car", Matches.of([.9, .8, .7], [0, 0, 1], 4), target)  # 1/3
+    assert not closer.met and not far.met and closer.best["value"] > far.best["value"]
+    assert max([replace(auto, operating=far), replace(car, operating=closer)], key=CandidateResult.rank).name == "car"
+
+    teachers = TeacherComparison.of("Car", ["m1", "m2"], [auto, car])
+    assert teachers.better == "m2" and teachers.as_dict()["by"].startswith("target met")
+    report = WorkbenchReport(images=2, models=["m1", "m2"], params=DetectParams(), results=[auto, car], detector="m1",
+                             winners={}, targets=[str(target)])
+    assert report.targets_met() == {"m1": 0, "m2": 1} and report.as_dict()["targets_met"] == {"m1": 0, "m2": 1}

@@ -85,6 +85,18 @@ class TaskQueue:
         with self.lock:
             return {row[0]: (row[1], row[2]) for row in self.db.execute("SELECT id, state, note FROM tasks")}
 
+    def stats(self, window_s: float = 60.0) -> dict:
+        """What /metrics shows: the backlog, the age of the oldest queued task, tasks finished per second over
+        the last `window_s`, and the counts by outcome."""
+        now = time.time()
+        with self.lock:
+            counts = dict(self.db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall())
+            oldest = self.db.execute("SELECT MIN(queued) FROM tasks WHERE state = 'queued'").fetchone()[0]
+            recent = self.db.execute("SELECT COUNT(*) FROM tasks WHERE state != 'queued' AND updated >= ?",
+                                     (now - window_s,)).fetchone()[0]
+        return {"backlog": counts.get("queued", 0), "oldest_waiting_s": round(now - oldest, 1) if oldest else 0.0,
+                "rate_per_s": round(recent / window_s, 3)} | {k: counts.get(k, 0) for k in ("done", "skipped", "failed")}
+
     def close(self) -> None:
         self.db.close()
 
@@ -125,9 +137,9 @@ def cvat_webhook(payload: dict, project: int | None = None) -> int | None:
 
 
 def webhook_app(queue: TaskQueue, secret: str | None, project: int | None = None,
-                wake: threading.Event | None = None):
+                wake: threading.Event | None = None, status: Callable[[], dict] | None = None):
     """POST /webhook: CVAT's task-creation webhooks into `queue` (200 once queued, 403 on a bad signature, 400 on
-    a payload that is not one); GET /health."""
+    a payload that is not one); GET /health; GET /metrics: the queue's `stats()` and `status()`'s."""
     from fastapi import FastAPI
     from fastapi.responses import JSONResponse
 
@@ -136,6 +148,10 @@ def webhook_app(queue: TaskQueue, secret: str | None, project: int | None = None
     @app.get("/health")
     def health():
         return {"status": "ok"}
+
+    @app.get("/metrics")
+    def metrics():
+        return {"follow": queue.stats() | (status() if status is not None else {})}
 
     @app.post("/webhook")
     async def webhook(request: Request):
@@ -344,7 +360,8 @@ def follow_cvat(follower: Follower, stop: threading.Event, listen: int | None = 
         if not secret and not is_loopback(host):
             raise ConfigError(f"--host {host} takes webhooks from the network: set the webhook's secret with "
                               f"--secret (CVAT_WEBHOOK_SECRET), as in CVAT's webhook form")
-        app = webhook_app(follower.queue, secret, follower.project, follower.wake)
+        app = webhook_app(follower.queue, secret, follower.project, follower.wake,
+                          lambda: {"cvat_outages": follower.outages, "polling": follower.discover})
         server = uvicorn.Server(uvicorn.Config(app, host=host, port=listen, log_level="warning"))
         thread = threading.Thread(target=server.run, daemon=True, name="cvat-webhooks")
         thread.start()

@@ -361,8 +361,7 @@ class LabelStudioBackend:
         """The engine over the loaded images (one call per image key of the config: one unless the config labels
         several images per task), then Label Studio results one image at a time. `on_image(task index, data key,
         image, detections)` sees each image's detections (masks included) before they are dropped; `between()` runs
-        between images (the server serves waiting clicks there: a click waits for one image's masks and results, not
-        a whole batch's). Exactly one entry per task: a prediction or `{"task", "error"}`. Skipped controls get no
+        between images and before each image's masks (the server's batch thread yields to clicks there). Exactly one entry per task: a prediction or `{"task", "error"}`. Skipped controls get no
         results."""
         config = self.filled(config)
         tasks, entries = batch.tasks, list(batch.entries)
@@ -374,7 +373,7 @@ class LabelStudioBackend:
         choices = {c.from_name: c for c in config.choices}
         for key, images in by_key.items():
             controls = [c for c in config.controls if c.data_key == key]
-            results = self.engine.iter_run([img for _, img in images], self.spec_for(config, ontology, key))
+            results = self.engine.iter_run([img for _, img in images], self.spec_for(config, ontology, key), between)
             for (i, img), result in zip(images, results):
                 if between is not None:
                     between()

@@ -22,6 +22,7 @@ import httpx
 
 from ..errors import PrelabelError, RequestError
 from ..follow import Item, RateLimit, WorkQueue
+from ..priority import lower_this_thread
 from .annotate import prediction_rows, record_errors
 from .config import parse_config
 
@@ -92,6 +93,7 @@ class ProjectFollower:
         self.remove_webhooks()
 
     def _run(self) -> None:
+        lower_this_thread(self.settings.background_nice)  # reading and pushing tasks: background work too
         while not self._stop.is_set():
             items = self.queue.claim(self.settings.batch_size, wait_s=5.0, stop=self._stop)
             if not items:

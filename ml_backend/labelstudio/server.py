@@ -1,7 +1,8 @@
 """FastAPI app speaking Label Studio's ML-backend protocol (Label Studio 1.23).
 
-Under load: image fetching runs in a thread pool; the models run in one `InferenceWorker` thread fed by two
-queues (interactive first), which merges concurrent batch requests into model batches. Each lane admits at most
+Under load: image fetching runs in a thread pool; the models run in an `InferenceWorker`: interactive calls on
+their own thread, at once, beside batch work on another, which merges concurrent batch requests into model batches
+and pauses at its next step while a click runs. Each lane admits at most
 PRELABEL_QUEUE_SIZE requests at once; more get 503 with Retry-After. Request bodies are capped by
 PRELABEL_MAX_REQUEST_BYTES."""
 
@@ -17,9 +18,9 @@ import sys
 import threading
 import time
 from collections import deque
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -38,6 +39,8 @@ from ..engine import Engine
 from ..follow import WorkQueue
 from ..jobs import DistillJob
 from ..metrics import Metrics, prometheus
+from ..models.base import ModelLock
+from ..priority import add_checkpoints, lower_this_thread, torch_modules
 from .backend import (
     LabelStudioBackend,
     LoadedTasks,
@@ -169,41 +172,66 @@ def _merge(pieces: list[_Piece]) -> LoadedTasks:
 
 
 class InferenceWorker:
-    """One thread owns the models (one instance per device). Interactive calls form a priority lane served before
-    any waiting batch work; batch requests are cut into pieces of at most `max_images` images, so a click waits
-    for at most one such piece, and pieces of concurrent requests with the same label config are merged into one
-    model batch after waiting up to `wait_s` for company (micro-batching)."""
+    """The models (one instance per device) run on two threads. Interactive calls have their own thread and start
+    at once, beside whatever batch work is running; the batch thread yields to them at its next step (before each
+    layer of a forward pass, each model batch, each image's masks, between images and video frames): it waits
+    while a click runs or waits, unless the click waits for a model lock, which the paused pass may hold. It also
+    runs at a lower OS priority (PRELABEL_BACKGROUND_NICE). Each model guards its own forward pass (`ModelLock`),
+    so the threads share the weights. Batch requests are cut into pieces of at most `max_images` images, and pieces of concurrent requests
+    with the same label config are merged into one model batch after waiting up to `wait_s` for company."""
 
-    def __init__(self, backend: LabelStudioBackend, metrics: Metrics, max_images: int, wait_s: float):
+    def __init__(self, backend: LabelStudioBackend, metrics: Metrics, max_images: int, wait_s: float, nice: int = 0,
+                 models: list | None = None):
+        """`models`: the torch modules whose forward passes pause between layers while a click runs."""
         self.backend, self.metrics = backend, metrics
-        self.max_images, self.wait_s = max_images, wait_s
-        self._cond = threading.Condition()
+        self.max_images, self.wait_s, self.nice = max_images, wait_s, nice  # nice: the batch thread's, lowered
+        self._cond = threading.Condition()  # one condition, two threads with different predicates: notify_all
         self._calls: deque[tuple[_Waiter, Callable[[], Any]]] = deque()
+        self._clicking = 0  # interactive calls running now
+        self._yielding = False  # the batch thread waits for them
         self._pieces: deque[_Piece] = deque()
         self._jobs: deque[tuple[_Waiter, Callable[[Callable[[], None]], Any]]] = deque()  # videos: batch lane
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
-        self._thread.start()
+        self._batch_ident: int | None = None
+        self._hooks = add_checkpoints(models or [], self._between)
+        self._threads = [threading.Thread(target=self._run_interactive, name="inference-interactive", daemon=True),
+                         threading.Thread(target=self._run, name="inference-batch", daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
     def depth(self) -> dict[str, int]:
         with self._cond:
-            return {"interactive": len(self._calls), "batch_pieces": len(self._pieces), "batch_jobs": len(self._jobs)}
+            return {"interactive": len(self._calls), "interactive_running": self._clicking,
+                    "batch_pieces": len(self._pieces), "batch_jobs": len(self._jobs),
+                    "batch_yielding": int(self._yielding and bool(self._calls or self._clicking))}
+
+    @contextmanager
+    def clicking(self) -> Iterator[None]:
+        """Around a whole interactive request (its image fetch and answer too): batch work yields meanwhile."""
+        with self._cond:
+            self._clicking += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._clicking -= 1
+                self._cond.notify_all()
 
     async def call(self, fn: Callable[[], Any]) -> Any:
-        """Runs `fn` on the worker thread ahead of batch work."""
+        """Runs `fn` on the interactive thread, beside batch work (which yields to it at its next step)."""
         waiter = _Waiter()
         with self._cond:
             self._calls.append((waiter, fn))
-            self._cond.notify()
+            self._cond.notify_all()
         return await waiter.future
 
     async def run_batch(self, fn: Callable[[Callable[[], None]], Any]) -> Any:
-        """Runs `fn(between)` on the worker thread in the batch lane (a video: minutes of work); `fn` calls
-        `between()` often (each frame), which serves waiting interactive calls first, so clicks stay fast."""
+        """Runs `fn(between)` on the batch thread (a video: minutes of work); `fn` calls `between()` often (each
+        frame), which waits while interactive calls run, so clicks stay fast."""
         waiter = _Waiter()
         with self._cond:
             self._jobs.append((waiter, fn))
-            self._cond.notify()
+            self._cond.notify_all()
         return await waiter.future
 
     def run_batch_blocking(self, fn: Callable[[Callable[[], None]], Any]) -> Any:
@@ -211,16 +239,19 @@ class InferenceWorker:
         waiter = _ThreadWaiter()
         with self._cond:
             self._jobs.append((waiter, fn))
-            self._cond.notify()
+            self._cond.notify_all()
         return waiter.wait()
 
     def _between(self) -> None:
-        while True:
-            with self._cond:
-                if not self._calls:
-                    return
-                call = self._calls.popleft()
-            self._run_call(*call)
+        """(Batch thread; also before each layer of the models' forward passes.) Yields to interactive calls:
+        returns when none runs or waits, or when one is blocked on a model's lock (which this thread may hold)."""
+        if threading.get_ident() != self._batch_ident or not (self._calls or self._clicking):
+            return
+        with self._cond:
+            self._yielding = True
+            while (self._calls or self._clicking) and not self._closed and not ModelLock.blocked():
+                self._cond.wait(0.002)  # (a lock's waiter does not notify: looked at every 2 ms)
+            self._yielding = False
 
     async def predict(self, batch: LoadedTasks, config, ontology, version: str) -> list[dict]:
         """One entry per task, as `LabelStudioBackend.infer` gives."""
@@ -238,36 +269,55 @@ class InferenceWorker:
         job.pieces = len(pieces)
         with self._cond:
             self._pieces.extend(pieces)
-            self._cond.notify()
+            self._cond.notify_all()
         return waiter
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._cond.notify()
-        self._thread.join(5)
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(5)
+        for hook in self._hooks:
+            hook.remove()
 
-    # -- worker thread -----------------------------------------------------------------------------------------
-    def _run(self) -> None:
+    # -- worker threads ----------------------------------------------------------------------------------------
+    def _run_interactive(self) -> None:
         while True:
             with self._cond:
-                while not (self._calls or self._pieces or self._jobs or self._closed):
+                while not (self._calls or self._closed):
                     self._cond.wait()
                 if self._closed:
                     return
-                call = self._calls.popleft() if self._calls else None
-                job = self._jobs.popleft() if call is None and self._jobs else None
-                group = None if call or job else self._gather()
-            if call:
+                call = self._calls.popleft()
+                self._clicking += 1
+            try:
                 self._run_call(*call)
-            elif job:
+            finally:
+                with self._cond:
+                    self._clicking -= 1
+                    self._cond.notify_all()
+
+    def _run(self) -> None:
+        self._batch_ident = threading.get_ident()
+        lower_this_thread(self.nice)
+        while True:
+            with self._cond:
+                while not (self._pieces or self._jobs or self._closed):
+                    self._cond.wait()
+                if self._closed:
+                    return
+                job = self._jobs.popleft() if self._jobs else None
+                group = None if job else self._gather()
+            self._between()  # a click that came meanwhile goes first
+            if job:
                 self._run_job(*job)
             elif group:
                 self._run_group(group)
 
     def _gather(self) -> list[_Piece]:
         """(Lock held.) The first waiting piece plus later ones with the same config, up to max_images, waiting
-        up to wait_s for more unless an interactive call arrives."""
+        up to wait_s for more."""
         first = self._pieces.popleft()
         group, images = [first], first.n_images
         cap = first.job.max_images or self.max_images
@@ -279,7 +329,7 @@ class InferenceWorker:
                     group.append(piece)
                     images += piece.n_images
             left = deadline - time.monotonic()
-            if images >= cap or left <= 0 or self._calls or self._closed:
+            if images >= cap or left <= 0 or self._closed:
                 break
             self._cond.wait(left)
         return group
@@ -309,7 +359,7 @@ class InferenceWorker:
             self.metrics.timing("queue_wait_batch", now - job.waiter.queued)
         self.metrics.merged(len(jobs))
         try:
-            # the engine isolates model failures per image; waiting clicks are served between images
+            # the engine isolates model failures per image; it yields to clicks between images
             entries = self.backend.infer(_merge(group), *group[0].job.args, between=self._between)
         except Exception as exc:  # a request-level mistake (e.g. masks without a segmenter): whole requests fail
             for job in jobs:
@@ -374,7 +424,8 @@ def create_app(engine: Engine, loader: LabelStudioImageSource | None = None, sto
     loader = loader or LabelStudioImageSource(settings)
     store = store or EventStore(settings.model_dir / "events.sqlite3")
     backend = LabelStudioBackend(engine, loader, store, metrics)
-    worker = InferenceWorker(backend, metrics, settings.batch_size, settings.batch_wait_ms / 1000)
+    worker = InferenceWorker(backend, metrics, settings.batch_size, settings.batch_wait_ms / 1000, settings.background_nice,
+                             torch_modules(engine.detector, engine.segmenter, engine.classifier))
     follower = ProjectFollower(backend, WorkQueue(settings.model_dir / "follow.sqlite3"), worker.predict_blocking,
                                worker.run_batch_blocking)
     admitted = {"batch": 0, "interactive": 0}  # requests in flight per lane (touched on the event loop only)
@@ -503,19 +554,23 @@ def create_app(engine: Engine, loader: LabelStudioImageSource | None = None, sto
             )
         admitted[lane] += 1
         try:
-            prepared = await run_in_threadpool(backend.prepare, req)
-            if prepared.context is not None:  # fetch here, then the model call jumps the batch queue
-                image = await run_in_threadpool(backend.interactive_image, prepared)
-                results = [await worker.call(lambda: backend.interactive_task(prepared, image))]
-            elif prepared.config.videos:  # tracked frame by frame; clicks are served between frames
-                p = prepared
-                results = await worker.run_batch(lambda between: backend.predict_tasks(
-                    p.tasks, p.config, p.ontology, p.version, progress=lambda _frames: between()))
-            else:
-                loaded = await run_in_threadpool(backend.load_tasks, prepared.tasks, prepared.config)
-                results = await worker.predict(loaded, prepared.config, prepared.ontology, prepared.version)
+            with worker.clicking() if lane == "interactive" else nullcontext():
+                return await answer(req)
         finally:
             admitted[lane] -= 1
+
+    async def answer(req: PredictRequest) -> Response:
+        prepared = await run_in_threadpool(backend.prepare, req)
+        if prepared.context is not None:  # fetch here, then the model call runs on the interactive thread
+            image = await run_in_threadpool(backend.interactive_image, prepared)
+            results = [await worker.call(lambda: backend.interactive_task(prepared, image))]
+        elif prepared.config.videos:  # tracked frame by frame; the batch thread yields to clicks between frames
+            p = prepared
+            results = await worker.run_batch(lambda between: backend.predict_tasks(
+                p.tasks, p.config, p.ontology, p.version, progress=lambda _frames: between()))
+        else:
+            loaded = await run_in_threadpool(backend.load_tasks, prepared.tasks, prepared.config)
+            results = await worker.predict(loaded, prepared.config, prepared.ontology, prepared.version)
         # serialised in a pool thread with the C json encoder: a page of brush RLE is megabytes of ints,
         # which FastAPI's per-element encoder would walk in Python on the event loop
         body = await run_in_threadpool(lambda: json.dumps({"results": results}).encode())

@@ -1,9 +1,10 @@
 """The small interfaces model families implement, one per role of the registry (registry.py): Detector, Segmenter,
 Classifier (zero-shot, CLIP-style), ImageEncoder (embeddings, e.g. for review) and Tracker (video: follows boxes from
-frame to frame)."""
+frame to frame), and `ModelLock`, the lock around a model's forward pass."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -14,6 +15,43 @@ from ..ontology import Classification, Ontology
 
 if TYPE_CHECKING:
     import torch
+
+
+class ModelLock:
+    """The (re-entrant) lock a model holds around its forward pass and the state beside it. It counts the threads
+    blocked on any model's lock (`ModelLock.blocked()`): a thread that pauses inside a forward pass (the server's
+    batch thread yielding to a click) must go on when the click waits for a model it holds."""
+
+    _blocked = 0
+    _count = threading.Lock()
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+
+    def acquire(self) -> None:
+        if self._lock.acquire(blocking=False):
+            return
+        with ModelLock._count:
+            ModelLock._blocked += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with ModelLock._count:
+                ModelLock._blocked -= 1
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> ModelLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    @classmethod
+    def blocked(cls) -> int:
+        return cls._blocked
 
 
 class Detector(Protocol):

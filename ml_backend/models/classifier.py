@@ -14,7 +14,6 @@ The image tower also serves as an image encoder (`embed`: the whole image and ea
 from __future__ import annotations
 
 import logging
-import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from transformers import AutoModel, AutoProcessor
 
 from ..ontology import Classification
 from ..types import crop
+from .base import ModelLock
 from .registry import CLASSIFICATION, CLASSIFIER, EMBEDDER, EMBEDDINGS, build, register
 from .tiny import write_tiny_classifier
 
@@ -57,7 +57,7 @@ class ZeroShotClassifier:
         self.forward_calls: Counter = Counter()  # "image" and "text" forwards, for metrics and benchmarks
         self._texts: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._text_cache_size = text_cache_size
-        self._lock = threading.Lock()
+        self._lock = ModelLock()
 
     @property
     def tokenizer(self):

@@ -11,7 +11,6 @@ last stage also serves as an image encoder (`embed`, for review).
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import torch
 from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
 from ..ontology import Ontology
+from .base import ModelLock
 from .features import FeatureMap, embed_feature_map
 from .prompted import merge, nothing_to_run, prompt_labels, score_boxes, to_pixels
 from .registry import BOXES, DETECTOR, EMBEDDER, EMBEDDINGS, TEXT_PROMPTS, register
@@ -74,7 +74,7 @@ class GroundingDinoDetector:
         model = AutoModelForZeroShotObjectDetection.from_pretrained(path).to(device).eval()
         self.model = chunk_deformable_attention(model)
         self.max_text_len = int(getattr(self.model.config, "max_text_len", 256))
-        self._lock = threading.Lock()
+        self._lock = ModelLock()
 
     # -- captions -----------------------------------------------------------------------------------------------
     def _token_count(self, text: str) -> int:

@@ -14,7 +14,6 @@ embeddings also serve as an image encoder (`embed`, for review).
 from __future__ import annotations
 
 import math
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +22,7 @@ import torch
 from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
 from ..ontology import Ontology
+from .base import ModelLock
 from .features import FeatureMap, embed_feature_map
 from .prompted import check_prompt_lengths, merge, nothing_to_run, prompt_labels, score_boxes, to_pixels
 from .registry import BOXES, DETECTOR, EMBEDDER, EMBEDDINGS, TEXT_PROMPTS, register
@@ -42,7 +42,7 @@ class OwlDetector:
         self.model = AutoModelForZeroShotObjectDetection.from_pretrained(path).to(device).eval()
         self.square = self.model.config.model_type == "owlv2"  # pads to a square; OWL-ViT stretches
         self.max_text_len = int(self.model.config.text_config.max_position_embeddings)
-        self._lock = threading.Lock()
+        self._lock = ModelLock()
 
     def _scale(self, hw: tuple[int, int]) -> tuple[float, float]:
         """Pixels per unit of the model's relative boxes, (x, y)."""

@@ -16,6 +16,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from transformers import SamModel, SamProcessor
 from transformers.models.sam.modeling_sam import SamVisionSdpaAttention
 
+from .base import ModelLock
 from .features import FeatureMap, embed_feature_map
 from .registry import BOX_PROMPTS, CLICKS, EMBEDDER, EMBEDDINGS, MASKS, SEGMENTER, register
 from .tiny import write_tiny_segmenter
@@ -125,7 +126,7 @@ class HfSamSegmenter(CachedEncoding):
         self.processor = SamProcessor.from_pretrained(path)
         self.model = lean_global_attention(SamModel.from_pretrained(path).to(device).eval())
         self.cache = EmbeddingCache(cache_size)
-        self._lock = threading.Lock()
+        self._lock = ModelLock()
 
     @torch.inference_mode()
     def _encode(self, image: np.ndarray):

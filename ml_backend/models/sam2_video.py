@@ -16,7 +16,6 @@ latest (`MAX_COND_FRAMES` in all), and drops the full-resolution masks right aft
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import RequestError
+from .base import ModelLock
 from .registry import BOX_PROMPTS, MASKS, TRACKER, register
 from .tiny import write_tiny_sam2_video
 
@@ -49,7 +49,7 @@ class TrackerCore:
     session_class: type
     device: torch.device
     dtype: torch.dtype
-    lock: threading.RLock
+    lock: ModelLock
 
     @property
     def input_size(self) -> int:
@@ -238,7 +238,7 @@ class Sam2Video(MemoryTracking):
         self.processor = Sam2VideoProcessor.from_pretrained(path)
         self.model = Sam2VideoModel.from_pretrained(path, dtype=self.dtype).to(device).eval()
         self._core = TrackerCore(self.model, self._features, Sam2VideoInferenceSession, device, self.dtype,
-                                 threading.RLock())
+                                 ModelLock())
 
     def tracker_core(self) -> TrackerCore:
         return self._core

@@ -18,7 +18,6 @@ an LRU per image (`embedding_cache_size`), so a second exemplar or click on an i
 from __future__ import annotations
 
 import logging
-import threading
 from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
@@ -32,6 +31,7 @@ from torchvision.ops import box_iou, nms
 from ..errors import ConfigError, RequestError
 from ..ontology import Ontology
 from ..types import NEAR_MISS_BAND, NEAR_MISSES, make_detections
+from .base import ModelLock
 from .features import FeatureMap, embed_feature_map
 from .prompted import check_prompt_lengths, merge, nothing_to_run, prompt_labels, score_boxes
 from .registry import (
@@ -145,7 +145,7 @@ class Sam3(MemoryTracking):
         self.max_text_len = int(self.model.config.text_config.max_position_embeddings)
         self.cache = EmbeddingCache(cache_size)
         self._texts: OrderedDict[str, tuple] = OrderedDict()
-        self._lock = threading.RLock()
+        self._lock = ModelLock()
         self._tracker_core: TrackerCore | None = None
 
     @property

@@ -5,13 +5,13 @@ behind the same interface and embedding cache as the transformers SAM. Registere
 from __future__ import annotations
 
 import re
-import threading
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import ModelUnavailableError
+from .base import ModelLock
 from .registry import BOX_PROMPTS, CLICKS, MASKS, SEGMENTER, register
 from .sam import CachedEncoding, EmbeddingCache, choose_multimask
 
@@ -41,7 +41,7 @@ class OriginalSamSegmenter(CachedEncoding):
         sam = sam_model_registry[checkpoint_type(path)](checkpoint=str(path)).to(device).eval()
         self.predictor = SamPredictor(sam)
         self.cache = EmbeddingCache(cache_size)
-        self._lock = threading.Lock()
+        self._lock = ModelLock()
 
     @torch.inference_mode()
     def _encode(self, image: np.ndarray):
