@@ -185,6 +185,9 @@ class LabelStudioStub:
                                           "headers": {}, "organization": 1}
                     return 201, self.webhooks[hid]
         elif m := re.fullmatch(r"/api/webhooks/(\d+)/", path):
+            if method == "GET":
+                hook = self.webhooks.get(int(m[1]))
+                return (200, hook) if hook else (404, {"detail": "Not found."})
             if method == "DELETE":
                 with self.lock:
                     return (204, None) if self.webhooks.pop(int(m[1]), None) else (404, {"detail": "Not found."})

@@ -31,6 +31,14 @@ CREATE TABLE IF NOT EXISTS queue (
     PRIMARY KEY (source, project, task)
 );
 CREATE INDEX IF NOT EXISTS queue_waiting ON queue (state, not_before, enqueued_at);
+CREATE TABLE IF NOT EXISTS webhooks (  -- webhooks this server added to a tool, removed at its next clean shutdown
+    source TEXT NOT NULL,
+    tool_url TEXT NOT NULL,  -- which instance of the tool
+    project INTEGER NOT NULL,
+    hook INTEGER NOT NULL,
+    url TEXT NOT NULL,  -- where it sends: only a webhook that still sends there is ours to remove
+    PRIMARY KEY (source, tool_url, hook)
+);
 """
 RATE_WINDOW_S = 60.0
 
@@ -138,6 +146,22 @@ class WorkQueue:
         with self._lock:
             rows = self._db.execute("SELECT task, state FROM queue WHERE source = ? AND project = ?", (source, project))
             return dict(rows.fetchall())
+
+    # -- webhooks added (kept across a crash, so that the next clean shutdown removes them) -----------------------
+    def note_webhook(self, source: str, tool_url: str, project: int, hook: int, url: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO webhooks VALUES (?, ?, ?, ?, ?)", (source, tool_url, project, hook, url))
+
+    def webhooks(self, source: str, tool_url: str) -> dict[int, tuple[int, str]]:
+        """hook id -> (project, url) of the webhooks added to `tool_url`."""
+        with self._lock:
+            rows = self._db.execute("SELECT hook, project, url FROM webhooks WHERE source = ? AND tool_url = ?",
+                                    (source, tool_url))
+            return {hook: (project, url) for hook, project, url in rows.fetchall()}
+
+    def forget_webhook(self, source: str, tool_url: str, hook: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM webhooks WHERE source = ? AND tool_url = ? AND hook = ?", (source, tool_url, hook))
 
     def close(self) -> None:
         with self._lock:

@@ -75,7 +75,7 @@ def test_the_webhook_added_for_a_project_is_removed_on_shutdown_idempotently(lab
     settings = make_settings(base_pipeline, tmp_path, label_studio_url=label_studio, label_studio_api_key=LEGACY_TOKEN,
                              public_url="http://127.0.0.1:9")
     from ml_backend.follow import WorkQueue
-    from ml_backend.labelstudio.follow import ProjectFollower
+    from ml_backend.labelstudio.follow import SOURCE, ProjectFollower
 
     backend = LabelStudioBackend.for_batch(Engine(base_pipeline.detector, None, base_pipeline.prompts, settings))
     follower = ProjectFollower(backend, WorkQueue(tmp_path / "q.sqlite3"), None, None)
@@ -84,11 +84,27 @@ def test_the_webhook_added_for_a_project_is_removed_on_shutdown_idempotently(lab
     assert "sends new tasks" in follower.ensure_webhook(project.id)  # once is enough
     (hook,) = [h for h in ls.webhooks.list(project=project.id) if h.url == "http://127.0.0.1:9/webhook"]
     assert hook.actions == ["TASKS_CREATED"] and not hook.send_for_all_actions
+    assert follower.webhooks == {project.id: hook.id}
     follower.remove_webhooks()
     assert not [h for h in ls.webhooks.list(project=project.id) if h.url == "http://127.0.0.1:9/webhook"]
-    follower.webhooks[project.id] = hook.id  # gone already: removing again is fine
+    follower.queue.note_webhook(SOURCE, label_studio, project.id, hook.id, hook.url)  # gone already: removing again is fine
     follower.remove_webhooks()
     assert follower.webhooks == {}
+
+    # a run killed -9 after adding one: the next run at the same MODEL_DIR removes it at its shutdown
+    assert "added a webhook" in follower.ensure_webhook(project.id)
+    follower.queue.close()
+    restarted = ProjectFollower(backend, WorkQueue(tmp_path / "q.sqlite3"), None, None)
+    (left,) = [h.id for h in ls.webhooks.list(project=project.id) if h.url == "http://127.0.0.1:9/webhook"]
+    assert restarted.webhooks == {project.id: left}
+    # ... but not one somebody pointed elsewhere meanwhile: it is theirs now
+    other = ls.webhooks.create(project=project.id, url="http://127.0.0.1:9/webhook", actions=["TASKS_CREATED"])
+    restarted.queue.note_webhook(SOURCE, label_studio, project.id, other.id, "http://127.0.0.1:9/webhook")
+    ls.webhooks.update(id=other.id, url="http://127.0.0.1:10/theirs")
+    restarted.remove_webhooks()
+    assert [h.id for h in ls.webhooks.list(project=project.id)
+            if h.url.startswith("http://127.0.0.1:")] == [other.id] and restarted.webhooks == {}
+    restarted.queue.close()
 
 
 def test_annotate_follow_polls_for_new_tasks(label_studio, ls, base_pipeline, image_dir, tmp_path):

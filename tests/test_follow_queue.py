@@ -27,6 +27,18 @@ def test_an_id_enqueued_twice_is_one_task_and_a_done_task_stays_done(tmp_path):
     assert queue.claim(10) == []
 
 
+def test_webhooks_added_are_kept_per_tool_instance_across_a_reopen(tmp_path):
+    queue = WorkQueue(tmp_path / "q.sqlite3")
+    queue.note_webhook("ls", "http://ls-a:8080", 3, 11, "http://me/webhook")
+    queue.note_webhook("ls", "http://ls-b:8080", 3, 11, "http://me/webhook")  # the same id on another Label Studio
+    queue.close()
+    queue = WorkQueue(tmp_path / "q.sqlite3")
+    assert queue.webhooks("ls", "http://ls-a:8080") == {11: (3, "http://me/webhook")}
+    queue.forget_webhook("ls", "http://ls-a:8080", 11)
+    assert queue.webhooks("ls", "http://ls-a:8080") == {} and 11 in queue.webhooks("ls", "http://ls-b:8080")
+    queue.close()
+
+
 def test_backoff_waits_longer_each_time(tmp_path):
     queue = WorkQueue(tmp_path / "q.sqlite3")
     queue.enqueue("ls", 1, [1])

@@ -3,10 +3,10 @@ button.
 
 Label Studio sends `TASKS_CREATED` to `<backend>/webhook` (it adds that webhook itself when a backend is connected;
 `ensure_webhook` adds one for task creation where none reaches us, and `remove_webhooks` takes ours away on
-shutdown). The ids go into the durable queue (`follow.WorkQueue`) before the webhook is answered; a follower thread
+shutdown, also those a run killed before its shutdown left: they are noted in the queue's database). The ids go into the durable queue (`follow.WorkQueue`) before the webhook is answered; a follower thread
 takes them in batches, reads the tasks from Label Studio (data, and which model versions have predicted them: a
 task that already has this version's prediction is not predicted again), runs them through the same batch path as
-`prelabel annotate` in the server's batch lane (clicks keep priority; `PRELABEL_FOLLOW_RATE` caps tasks per
+`prelabel annotate` in the server's batch lane (clicks run first; `PRELABEL_FOLLOW_RATE` caps tasks per
 second) and pushes the predictions in one bulk request. Label Studio unreachable: the batch waits and is retried
 with backoff; nothing acknowledged is lost.
 """
@@ -68,7 +68,6 @@ class ProjectFollower:
         self._start_lock = threading.Lock()
         self._told: set[str] = set()
         self._client, self._client_lock = None, threading.Lock()
-        self.webhooks: dict[int, int] = {}  # project -> id of the webhook we added
 
     # -- in ----------------------------------------------------------------------------------------------------
     def created(self, project: int, payload: dict) -> dict:
@@ -199,16 +198,28 @@ class ProjectFollower:
                 return f"project {project}: Label Studio sends new tasks to {url}"
         hook = client.webhooks.create(project=project, url=url, send_payload=True, send_for_all_actions=False,
                                       actions=["TASKS_CREATED"], is_active=True)
-        self.webhooks[project] = hook.id
+        self.queue.note_webhook(SOURCE, self._tool(), project, hook.id, url)
         return f"project {project}: added a webhook for new tasks to {url}"
 
+    def _tool(self) -> str:
+        return (self.backend.loader.label_studio_url or "").rstrip("/")
+
+    @property
+    def webhooks(self) -> dict[int, int]:
+        """project -> id of the webhook this server added to it (in this run or one that crashed)."""
+        return {project: hook for hook, (project, _url) in self.queue.webhooks(SOURCE, self._tool()).items()}
+
     def remove_webhooks(self) -> None:
-        """Takes away the webhooks this server added (one already gone is fine)."""
+        """Takes away the webhooks this server added, also those a crashed run left: each only while it still
+        sends to the address we gave it (one already gone is fine)."""
         from label_studio_sdk.core.api_error import ApiError
 
-        for project, hook in list(self.webhooks.items()):
+        tool = self._tool()
+        for hook, (project, url) in self.queue.webhooks(SOURCE, tool).items():
             try:
-                self.client().webhooks.delete(id=hook)
+                client = self.client()
+                if client.webhooks.get(id=hook).url.rstrip("/") == url:  # (else someone changed it: theirs now)
+                    client.webhooks.delete(id=hook)
             except ApiError as exc:
                 if exc.status_code != 404:
                     log.warning("could not remove webhook %s of project %s: %s", hook, project, exc.body)
@@ -216,7 +227,7 @@ class ProjectFollower:
             except (httpx.HTTPError, PrelabelError) as exc:
                 log.warning("could not remove webhook %s of project %s: %s", hook, project, exc)
                 continue
-            self.webhooks.pop(project, None)
+            self.queue.forget_webhook(SOURCE, tool, hook)
 
 
 def poll_project(client, project_id: int, backend: LabelStudioBackend, batch_size: int, poll_s: float,
