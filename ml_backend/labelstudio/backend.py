@@ -361,8 +361,8 @@ class LabelStudioBackend:
         """The engine over the loaded images (one call per image key of the config: one unless the config labels
         several images per task), then Label Studio results one image at a time. `on_image(task index, data key,
         image, detections)` sees each image's detections (masks included) before they are dropped; `between()` runs
-        between images and before each image's masks (the server's batch thread yields to clicks there). Exactly one entry per task: a prediction or `{"task", "error"}`. Skipped controls get no
-        results."""
+        between images and before each image's masks (the server's batch thread yields to clicks there). Exactly
+        one entry per task: a prediction or `{"task", "error"}`. Skipped controls get no results."""
         config = self.filled(config)
         tasks, entries = batch.tasks, list(batch.entries)
         self.metrics.batch(len(batch.images))

@@ -3,12 +3,13 @@ button.
 
 Label Studio sends `TASKS_CREATED` to `<backend>/webhook` (it adds that webhook itself when a backend is connected;
 `ensure_webhook` adds one for task creation where none reaches us, and `remove_webhooks` takes ours away on
-shutdown, also those a run killed before its shutdown left: they are noted in the queue's database). The ids go into the durable queue (`follow.WorkQueue`) before the webhook is answered; a follower thread
-takes them in batches, reads the tasks from Label Studio (data, and which model versions have predicted them: a
-task that already has this version's prediction is not predicted again), runs them through the same batch path as
-`prelabel annotate` in the server's batch lane (clicks run first; `PRELABEL_FOLLOW_RATE` caps tasks per
-second) and pushes the predictions in one bulk request. Label Studio unreachable: the batch waits and is retried
-with backoff; nothing acknowledged is lost.
+shutdown, also those a run killed before its shutdown left: they are noted in the queue's database). The ids go
+into the durable queue (`follow.WorkQueue`) before the webhook is answered; a follower thread takes them in
+batches, reads the tasks from Label Studio (data, and which model versions have predicted them: a task that
+already has this version's prediction is not predicted again), runs them through the same batch path as `prelabel
+annotate` in the server's batch lane (clicks run first; `PRELABEL_FOLLOW_RATE` caps tasks per second) and pushes
+the predictions in one bulk request. Label Studio unreachable: the batch waits and is retried with backoff;
+nothing acknowledged is lost.
 """
 
 from __future__ import annotations

@@ -2,9 +2,8 @@
 
 Under load: image fetching runs in a thread pool; the models run in an `InferenceWorker`: interactive calls on
 their own thread, at once, beside batch work on another, which merges concurrent batch requests into model batches
-and pauses at its next step while a click runs. Each lane admits at most
-PRELABEL_QUEUE_SIZE requests at once; more get 503 with Retry-After. Request bodies are capped by
-PRELABEL_MAX_REQUEST_BYTES."""
+and pauses at its next step while a click is in flight. Each lane admits at most PRELABEL_QUEUE_SIZE requests at
+once; more get 503 with Retry-After. Request bodies are capped by PRELABEL_MAX_REQUEST_BYTES."""
 
 from __future__ import annotations
 
@@ -177,8 +176,9 @@ class InferenceWorker:
     layer of a forward pass, each model batch, each image's masks, between images and video frames): it waits
     while a click runs or waits, unless the click waits for a model lock, which the paused pass may hold. It also
     runs at a lower OS priority (PRELABEL_BACKGROUND_NICE). Each model guards its own forward pass (`ModelLock`),
-    so the threads share the weights. Batch requests are cut into pieces of at most `max_images` images, and pieces of concurrent requests
-    with the same label config are merged into one model batch after waiting up to `wait_s` for company."""
+    so the threads share the weights. Batch requests are cut into pieces of at most `max_images` images, and
+    pieces of concurrent requests with the same label config are merged into one model batch after waiting up to
+    `wait_s` for company."""
 
     def __init__(self, backend: LabelStudioBackend, metrics: Metrics, max_images: int, wait_s: float, nice: int = 0,
                  models: list | None = None):
