@@ -307,3 +307,12 @@ def backend(start_backend, ls_host, image_dir):
 def http():
     with httpx.Client(timeout=60) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One Ray per test module (starting one takes seconds); the engine uses it and leaves it running."""
+    ray = pytest.importorskip("ray", reason="Ray is installed by the project's test extra (or `prelabel[ray]`)")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

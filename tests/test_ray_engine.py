@@ -25,14 +25,6 @@ CONFIG = """<View>
 GOOD = 10
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """One Ray for the module (starting one takes seconds); the engine uses it and leaves it running."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_ray_engine_predicts_each_task_once_and_reports_failures(local_ray, label_studio, image_dir, tiny_models, tmp_path):
     folder = image_dir / "ray-engine"
     folder.mkdir()

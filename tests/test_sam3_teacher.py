@@ -281,14 +281,6 @@ def test_the_ray_driver_knows_sam3_masks_without_loading_it(sam3, ls_host, tmp_p
     assert all(r["value"]["format"] == "rle" and r["value"]["rle"] for r in brushes)
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray", reason="Ray is installed by the project's test extra (or `prelabel[ray]`)")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def test_annotate_on_ray_with_sam3_stores_its_masks_in_label_studio(local_ray, label_studio, image_dir, sam3, tmp_path):
     """No --segmenter given: SAM 3 masks by itself, so the default SAM (not here, offline) is never asked for."""
     from label_studio_sdk.client import LabelStudio
