@@ -128,3 +128,22 @@ def test_layers_run_by_the_click_itself_never_pause():
     finally:
         worker.close()
     assert answer == [4.0]
+
+
+def test_a_stream_of_clicks_slows_batch_work_but_never_stops_it():
+    # a click that lasts until the batch is done: the batch pauses at most max_pause_s at a time, then runs
+    inside, release = threading.Event(), threading.Event()
+    toy = ToyModel(lambda: inside.set())
+    worker = InferenceWorker(None, Metrics(), 4, 0.0, models=torch_modules(toy), max_pause_s=0.2, min_run_s=0.05)
+    try:
+        clicked, answer = click(worker, lambda: release.wait(30))  # in flight throughout
+        wait_for(lambda: worker.depth()["interactive_running"] == 1)
+        batch, result = in_background(worker.run_batch_blocking, lambda between: toy.run())
+        batch.join(10)
+        assert not batch.is_alive() and result == [4.0], "the batch never ran beside a long click"
+        assert not answer, "the click is still in flight"
+    finally:
+        release.set()
+        worker.close()
+    clicked.join(10)
+    assert answer == [True]

@@ -174,16 +174,20 @@ class InferenceWorker:
     """The models (one instance per device) run on two threads. Interactive calls have their own thread and start
     at once, beside whatever batch work is running; the batch thread yields to them at its next step (before each
     layer of a forward pass, each model batch, each image's masks, between images and video frames): it waits
-    while a click runs or waits, unless the click waits for a model lock, which the paused pass may hold. It also
-    runs at a lower OS priority (PRELABEL_BACKGROUND_NICE). Each model guards its own forward pass (`ModelLock`),
-    so the threads share the weights. Batch requests are cut into pieces of at most `max_images` images, and
+    while a click runs or waits (for at most a second at a time, then runs a tenth: clicks from many people at
+    once slow batch work, never stop it), unless the click waits for a model lock, which the paused pass may hold.
+    It also runs at a lower OS priority (PRELABEL_BACKGROUND_NICE). Each model guards its own forward pass
+    (`ModelLock`), so the threads share the weights. Batch requests are cut into pieces of at most `max_images` images, and
     pieces of concurrent requests with the same label config are merged into one model batch after waiting up to
     `wait_s` for company."""
 
     def __init__(self, backend: LabelStudioBackend, metrics: Metrics, max_images: int, wait_s: float, nice: int = 0,
-                 models: list | None = None):
-        """`models`: the torch modules whose forward passes pause between layers while a click runs."""
+                 models: list | None = None, max_pause_s: float = 1.0, min_run_s: float = 0.1):
+        """`models`: the torch modules whose forward passes pause between layers while a click runs; batch work
+        pauses for at most `max_pause_s` at a time, then runs at least `min_run_s` (see `_between`)."""
         self.backend, self.metrics = backend, metrics
+        self.max_pause_s, self.min_run_s = max_pause_s, min_run_s
+        self._run_until = 0.0  # (batch thread) runs without pausing until then
         self.max_images, self.wait_s, self.nice = max_images, wait_s, nice  # nice: the batch thread's, lowered
         self._cond = threading.Condition()  # one condition, two threads with different predicates: notify_all
         self._calls: deque[tuple[_Waiter, Callable[[], Any]]] = deque()
@@ -244,12 +248,21 @@ class InferenceWorker:
 
     def _between(self) -> None:
         """(Batch thread; also before each layer of the models' forward passes.) Yields to interactive calls:
-        returns when none runs or waits, or when one is blocked on a model's lock (which this thread may hold)."""
+        returns when none runs or waits, when one is blocked on a model's lock (which this thread may hold), or
+        after `max_pause_s`: then batch work runs for `min_run_s` before it pauses again, so that a stream of
+        clicks from many people slows it down but never stops it."""
         if threading.get_ident() != self._batch_ident or not (self._calls or self._clicking):
             return
+        now = time.monotonic()
+        if now < self._run_until:
+            return
+        deadline = now + self.max_pause_s
         with self._cond:
             self._yielding = True
             while (self._calls or self._clicking) and not self._closed and not ModelLock.blocked():
+                if time.monotonic() >= deadline:
+                    self._run_until = time.monotonic() + self.min_run_s
+                    break
                 self._cond.wait(0.002)  # (a lock's waiter does not notify: looked at every 2 ms)
             self._yielding = False
 
