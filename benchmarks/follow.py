@@ -19,9 +19,7 @@ several API calls in a benchmark's time, and its behaviour is covered by tests/t
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime
-import io
 import json
 import os
 import platform
@@ -41,11 +39,10 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import numpy as np
-from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from .harness import SMOKE_HELP, BackendProcess, exit_status, proc_rss, result_path
+from .harness import SMOKE_HELP, BackendProcess, blocks_data_uri, exit_status, proc_rss, result_path
 
 TOKEN = "0123456789abcdef0123456789abcdef01234567"  # a legacy-style token: `Authorization: Token <key>`
 EARLIER_VERSION = "an-earlier-model"  # some tasks already carry a prediction of another model version
@@ -62,15 +59,8 @@ console = Console()
 
 def data_uri(seed: int) -> tuple[str, int, int]:
     """A small PNG of a few coloured blocks as a data URI (no image fetching), and its size."""
-    rng = np.random.default_rng(seed)
     width, height = SIZES[seed % len(SIZES)]
-    array = np.full((height, width, 3), 40, np.uint8)
-    for _ in range(4):
-        x, y = rng.integers(0, width // 2), rng.integers(0, height // 2)
-        array[y : y + height // 3, x : x + width // 3] = rng.integers(60, 255, 3)
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode(), width, height
+    return blocks_data_uri(width, height, seed), width, height
 
 
 # -- the stand-in for Label Studio's API -----------------------------------------------------------------------------

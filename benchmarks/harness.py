@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import functools
+import io
 import os
 import signal
 import socket
@@ -49,6 +51,18 @@ def make_image(path: Path, seed: int, size: tuple[int, int] = (1200, 800)) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, quality=90)
     return path
+
+
+def blocks_data_uri(width: int, height: int, seed: int) -> str:
+    """A small PNG of a few coloured blocks as a data URI (requests that need no image fetching)."""
+    rng = np.random.default_rng(seed)
+    array = np.full((height, width, 3), 40, np.uint8)
+    for _ in range(4):
+        x, y = rng.integers(0, width // 2), rng.integers(0, height // 2)
+        array[y : y + height // 3, x : x + width // 3] = rng.integers(60, 255, 3)
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def free_port() -> int:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import json
 import os
 import random
@@ -31,7 +29,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
-from PIL import Image
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -49,17 +46,6 @@ from ml_backend.settings import Settings
 settings = Settings(detector=sys.argv[1], segmenter=sys.argv[2], model_dir=sys.argv[3])
 uvicorn.run(create_app(Engine.from_settings(settings)), host="127.0.0.1", port=int(sys.argv[4]), log_level="error")
 """
-
-
-def data_uri(width: int, height: int, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    array = np.full((height, width, 3), 40, np.uint8)
-    for _ in range(4):
-        x, y = rng.integers(0, width // 2), rng.integers(0, height // 2)
-        array[y : y + height // 3, x : x + width // 3] = rng.integers(60, 255, 3)
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def free_port() -> int:
@@ -135,7 +121,7 @@ async def run(url: str, clients: int, duration: float, images: list[str]) -> Sta
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .harness import SMOKE_HELP, result_path
+    from .harness import SMOKE_HELP, blocks_data_uri, result_path
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=64)
@@ -167,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() > deadline or server.poll() is not None:
                 raise SystemExit("server did not start")
             time.sleep(0.2)
-        images = [data_uri(w, h, i) for i, (w, h) in enumerate([(160, 120), (200, 150), (128, 96), (240, 180), (96, 128), (180, 140)])]
+        images = [blocks_data_uri(w, h, i) for i, (w, h) in enumerate([(160, 120), (200, 150), (128, 96), (240, 180), (96, 128), (180, 140)])]
         samples: list[tuple[float, int]] = []
         stop = threading.Event()
         start = time.monotonic()

@@ -161,12 +161,6 @@ class LiveLine:
             self.stream.flush()
 
 
-def write_atomically(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def follow_folder(
     folder: Path,
     out_dir: Path,

@@ -260,17 +260,21 @@ def cell(value: float | None, ci: tuple[float, float] | None) -> str:
     return f"{value:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci is not None else "")
 
 
+def point_cells(p: dict) -> list[str]:
+    """Threshold, precision, recall and F1 (with intervals) of a point as `OperatingPoint.as_dict()` gives it."""
+    return ["-" if p["threshold"] is None else f"{p['threshold']:g}", cell(p["precision"], p["precision_ci"]),
+            cell(p["recall"], p["recall_ci"]), cell(p["f1"], p["f1_ci"])]
+
+
 def markdown_table(points: dict[str, dict]) -> list[str]:
     """Operating points (`OperatingPoint.as_dict()` by label, as a report stores them) as a Markdown table."""
     lines = ["| label | target | threshold | precision | recall | F1 | TP / FP / FN | result |",
              "|---|---|---|---|---|---|---|---|"]
     for name, p in points.items():
-        threshold = "-" if p["threshold"] is None else f"{p['threshold']:g}"
-        lines.append(f"| {name} | {p['target'] or '-'} | {threshold} | {cell(p['precision'], p['precision_ci'])} | "
-                     f"{cell(p['recall'], p['recall_ci'])} | {cell(p['f1'], p['f1_ci'])} | "
-                     f"{p['tp']} / {p['fp']} / {p['fn']} | {p['note']} |")
+        lines.append(" | ".join(["| " + name, p["target"] or "-", *point_cells(p),
+                                 f"{p['tp']} / {p['fp']} / {p['fn']}", p["note"] + " |"]))
     return lines
 
 
 __all__ = ["INTERVALS", "METRICS", "OperatingPoint", "Target", "TargetError", "Targets", "cell", "f1_interval",
-           "markdown_table", "operating_point", "operating_points", "threshold_points"]
+           "markdown_table", "operating_point", "operating_points", "point_cells", "threshold_points"]

@@ -339,7 +339,7 @@ def print_operating_points(evaluation: dict, console) -> None:
     """The student's operating points on the held-out images, when `--target` asked for them."""
     from rich.table import Table
 
-    from ..operating import cell
+    from ..operating import point_cells
 
     points = evaluation.get("operating_points")
     if points is None:
@@ -349,7 +349,6 @@ def print_operating_points(evaluation: dict, console) -> None:
     for column in ("label", "threshold", "P", "R", "F1", "TP/FP/FN", "result"):
         table.add_column(column)
     for name, p in points.items():
-        table.add_row(name, "-" if p["threshold"] is None else f"{p['threshold']:g}", cell(p["precision"], p["precision_ci"]),
-                      cell(p["recall"], p["recall_ci"]), cell(p["f1"], p["f1_ci"]), f"{p['tp']}/{p['fp']}/{p['fn']}",
-                      p["note"], style="red" if p["met"] is False else None)
+        table.add_row(name, *point_cells(p), f"{p['tp']}/{p['fp']}/{p['fn']}", p["note"],
+                      style="red" if p["met"] is False else None)
     console.print(table)

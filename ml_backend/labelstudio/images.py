@@ -217,9 +217,6 @@ class LabelStudioImageSource:
     # -- HTTP ---------------------------------------------------------------------------------------------------
     def headers_for(self, url: str) -> dict[str, str]:
         """The Authorization header for `url`: Label Studio's own host only."""
-        return self._headers_for(url)
-
-    def _headers_for(self, url: str) -> dict[str, str]:
         if self._auth and self._ls_url and origin(url) == origin(self._ls_url):
             return self._auth.header()
         return {}
@@ -250,11 +247,11 @@ class LabelStudioImageSource:
         """One hop: (body, None) (b"" when written to `sink`), or (b"", Location) for a redirect. Limits and auth
         errors raise."""
         limit, shown, source = self._limit(what), redact(url), redact(source)
-        with self.client.stream("GET", url, headers=self._headers_for(url)) as response:
+        with self.client.stream("GET", url, headers=self.headers_for(url)) as response:
             if response.is_redirect and response.headers.get("location"):
                 return b"", response.headers["location"]
             if response.status_code in (401, 403):
-                sent = "with" if self._headers_for(url) else "without"
+                sent = "with" if self.headers_for(url) else "without"
                 raise ImageAuthError(
                     f"Label Studio refused {what} {source} ({shown}) {sent} an API key: {response.status_code} "
                     f"{_detail_streamed(response)}; check LABEL_STUDIO_API_KEY (a legacy token or a personal "
